@@ -1,0 +1,87 @@
+"""Prompt templates and the tag protocol, in one place.
+
+RL (verl parquet), SFT export, CoT construction and evaluation all build their prompts here, so a policy is always
+trained and evaluated on the same text. The protocol (MaskSearch / Search-R1 style):
+
+    <think> reasoning </think>
+    <search> query </search>            -> the environment replies <information> ... </information>
+    ...
+    <answer> final answer </answer>
+
+For RAMP the answer lists the filled spans in order, separated by `` | ``.
+"""
+
+from __future__ import annotations
+
+MASK_TOKEN = "[mask]"
+ANSWER_SEPARATOR = " | "
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+# Generation stops at the end of a search call (the environment answers) or at the final answer.
+STOP_STRINGS = [SEARCH_CLOSE, ANSWER_CLOSE]
+
+# The agent names rows carry in verl parquet (`agent_name`): our tag loop, and verl's built-in hermes tool loop.
+TAG_AGENT_NAME = "masksearch_agent"
+TOOL_AGENT_NAME = "tool_agent"
+
+RAMP_INSTRUCTION = (
+    "Fill in all the [mask] in the text below. Each [mask] hides a span of the original passage, such as a name, "
+    "a place, a date, a number or a term. Search for the facts you need, then give the missing spans in the order "
+    "they appear."
+)
+
+SYSTEM_PROMPT = (
+    "You are a careful research assistant with access to a search engine. Work step by step.\n"
+    "Think inside <think> and </think> whenever you receive new information. When you are missing a fact, "
+    "search for it by writing a query inside <search> and </search>; the results will be returned to you inside "
+    "<information> and </information>. You may search as often as you need. When you are confident, write only "
+    "the final answer inside <answer> and </answer>, with no explanation, for example <answer> Paris </answer>."
+)
+
+RAMP_ANSWER_HINT = (
+    "Write the missing spans in the order of the [mask] tokens, separated by ' | ', for example "
+    "<answer> span 1 | span 2 </answer>."
+)
+
+TOOL_SYSTEM_PROMPT = (
+    "You are a careful research assistant. Think step by step. When you are missing a fact, call the search tool. "
+    "When you are confident, write only the final answer inside <answer> and </answer>."
+)
+
+
+def ramp_query(masked_passage: str, instruction: str = RAMP_INSTRUCTION) -> str:
+    """The RAMP item's ``query`` field: instruction + masked passage."""
+    return f"{instruction}\n\nText: {masked_passage}"
+
+
+def ramp_messages(query: str, tool_variant: bool = False) -> list[dict[str, str]]:
+    """Chat messages for a RAMP item whose ``query`` came from :func:`ramp_query`."""
+    system = TOOL_SYSTEM_PROMPT if tool_variant else SYSTEM_PROMPT
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"{query}\n\n{RAMP_ANSWER_HINT}"},
+    ]
+
+
+def qa_messages(question: str, tool_variant: bool = False) -> list[dict[str, str]]:
+    """Chat messages for a downstream QA question (HotpotQA, Musique, ...)."""
+    system = TOOL_SYSTEM_PROMPT if tool_variant else SYSTEM_PROMPT
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Question: {question.strip()}"},
+    ]
+
+
+def information_block(text: str) -> str:
+    """What the environment appends after a ``</search>``: excluded from the loss (response_mask 0)."""
+    return f"\n\n{INFO_OPEN}\n{text.strip()}\n{INFO_CLOSE}\n\n"
+
+
+def answer_block(spans_or_answer: list[str] | str) -> str:
+    if isinstance(spans_or_answer, str):
+        return f"{ANSWER_OPEN} {spans_or_answer} {ANSWER_CLOSE}"
+    return f"{ANSWER_OPEN} {ANSWER_SEPARATOR.join(spans_or_answer)} {ANSWER_CLOSE}"

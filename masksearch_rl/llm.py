@@ -1,0 +1,127 @@
+"""One async client for every OpenAI-compatible chat endpoint we call (vLLM, DashScope compatible mode, OpenAI).
+
+Used by the RAMP span extractor, the CoT agents (Planner/Rewriter/Observer), the LLM judge and the eval policy.
+It adds what each of those needs and the ``openai`` SDK leaves to the caller: a concurrency limit, an on-disk
+response cache (identical request => no second call), a clear error naming the endpoint, and counters.
+Timeouts and bounded exponential-backoff retries on 408/409/429/5xx/connection errors come from the SDK itself
+(``timeout``, ``max_retries``). The key is read from the environment variable named in the config, never from a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+import openai
+
+
+class LLMError(RuntimeError):
+    """An endpoint call that failed after its retries; the message names the endpoint, model and cause."""
+
+
+@dataclass
+class LLMConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "Qwen/Qwen2.5-72B-Instruct"
+    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable holding the key
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    concurrency: int = 16
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    cache_dir: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> LLMConfig:
+        data = dict(data or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown LLM config field(s): {sorted(unknown)}")
+        return cls(**data)
+
+
+class LLMClient:
+    """Async chat client: ``await client.chat(messages)`` returns the reply text or raises :class:`LLMError`."""
+
+    def __init__(self, config: LLMConfig):
+        self.config = config
+        self.stats: Counter = Counter()
+        self._cache = None
+        if config.cache_dir:
+            import diskcache
+
+            self._cache = diskcache.Cache(config.cache_dir)
+        self._per_loop: dict[int, tuple[asyncio.Semaphore, openai.AsyncOpenAI]] = {}
+
+    def _resources(self) -> tuple[asyncio.Semaphore, openai.AsyncOpenAI]:
+        # Semaphores and connection pools belong to one event loop; keep one set per running loop.
+        loop = asyncio.get_running_loop()
+        key = id(loop)
+        if key not in self._per_loop:
+            cfg = self.config
+            client = openai.AsyncOpenAI(
+                base_url=cfg.base_url,
+                api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+                timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
+                max_retries=cfg.max_retries,
+            )
+            self._per_loop[key] = (asyncio.Semaphore(cfg.concurrency), client)
+        return self._per_loop[key]
+
+    def cache_key(self, messages: list[dict], params: dict[str, Any]) -> str:
+        blob = json.dumps({"model": self.config.model, "messages": messages, **params}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    async def chat(self, messages: list[dict], *, use_cache: bool = True, **overrides: Any) -> str:
+        cfg = self.config
+        params: dict[str, Any] = {
+            "temperature": overrides.pop("temperature", cfg.temperature),
+            "max_tokens": overrides.pop("max_tokens", cfg.max_tokens),
+        }
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        key = self.cache_key(messages, params) if (self._cache is not None and use_cache) else None
+        if key is not None:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self.stats["cache_hits"] += 1
+                return cached
+        semaphore, client = self._resources()
+        async with semaphore:
+            self.stats["calls"] += 1
+            try:
+                response = await client.chat.completions.create(
+                    model=cfg.model, messages=messages, extra_body=cfg.extra_body or None, **params
+                )
+            except openai.AuthenticationError as err:
+                self.stats["errors"] += 1
+                raise LLMError(
+                    f"{cfg.base_url} rejected the API key for model {cfg.model!r}: set ${cfg.api_key_env}"
+                ) from err
+            except (openai.APIError, httpx.HTTPError) as err:
+                self.stats["errors"] += 1
+                raise LLMError(f"{cfg.base_url} (model {cfg.model!r}) failed after {cfg.max_retries} retries: {err}") from err
+        if not response.choices:
+            self.stats["errors"] += 1
+            raise LLMError(f"{cfg.base_url} (model {cfg.model!r}) returned no choices")
+        text = response.choices[0].message.content or ""
+        if key is not None:
+            self._cache.set(key, text)
+        return text
+
+    def describe(self) -> dict[str, Any]:
+        """Config without secrets, for logs and W&B."""
+        return {**asdict(self.config), "stats": dict(self.stats)}
+
+    async def aclose(self) -> None:
+        for _, client in self._per_loop.values():
+            await client.close()
+        self._per_loop.clear()
+        if self._cache is not None:
+            self._cache.close()

@@ -1,0 +1,1 @@
+"""Hydra configs and launch scripts; a package so configs resolve as ``pkg://recipes.configs`` after install."""
