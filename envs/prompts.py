@@ -53,17 +53,23 @@ TOOL_SYSTEM_PROMPT = (
 )
 
 
-def ramp_query(masked_passage: str, instruction: str = RAMP_INSTRUCTION) -> str:
-    """The RAMP item's ``query`` field: instruction + masked passage."""
-    return f"{instruction}\n\nText: {masked_passage}"
+def ramp_user_text(masked_passage: str, instruction: str = RAMP_INSTRUCTION) -> str:
+    """The user turn of a RAMP prompt: instruction, the masked passage (the item's ``query``), the answer hint.
+
+    The item's ``query`` is the masked passage alone, so ``query.count("[mask]") == num_masks`` holds exactly even
+    though the paper's instruction names the token; the instruction is stored beside it and joined here.
+    """
+    return f"{instruction}\n\nText: {masked_passage}\n\n{RAMP_ANSWER_HINT}"
 
 
-def ramp_messages(query: str, tool_variant: bool = False) -> list[dict[str, str]]:
-    """Chat messages for a RAMP item whose ``query`` came from :func:`ramp_query`."""
+def ramp_messages(
+    masked_passage: str, instruction: str = RAMP_INSTRUCTION, tool_variant: bool = False
+) -> list[dict[str, str]]:
+    """Chat messages for a RAMP item (``masked_passage`` is its ``query`` field)."""
     system = TOOL_SYSTEM_PROMPT if tool_variant else SYSTEM_PROMPT
     return [
         {"role": "system", "content": system},
-        {"role": "user", "content": f"{query}\n\n{RAMP_ANSWER_HINT}"},
+        {"role": "user", "content": ramp_user_text(masked_passage, instruction)},
     ]
 
 

@@ -2,9 +2,11 @@
 
 Used by the RAMP span extractor, the CoT agents (Planner/Rewriter/Observer), the LLM judge and the eval policy.
 It adds what each of those needs and the ``openai`` SDK leaves to the caller: a concurrency limit, an on-disk
-response cache (identical request => no second call), a clear error naming the endpoint, and counters.
+response cache (identical request => no second call), a clear error naming the endpoint, and counters (calls,
+cache hits, HTTP statuses seen including retried ones, the most requests ever in flight).
 Timeouts and bounded exponential-backoff retries on 408/409/429/5xx/connection errors come from the SDK itself
-(``timeout``, ``max_retries``). The key is read from the environment variable named in the config, never from a file.
+(``timeout``, ``max_retries``; it honours ``Retry-After``). The key is read from the environment variable named in
+the config, never from a file.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
 import openai
+
+logger = logging.getLogger(__name__)
 
 
 class LLMError(RuntimeError):
@@ -38,6 +43,14 @@ class LLMConfig:
     cache_dir: str | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"LLM concurrency must be >= 1, got {self.concurrency}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"LLM timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_retries < 0:
+            raise ValueError(f"LLM max_retries must be >= 0, got {self.max_retries}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> LLMConfig:
         data = dict(data or {})
@@ -48,32 +61,44 @@ class LLMConfig:
 
 
 class LLMClient:
-    """Async chat client: ``await client.chat(messages)`` returns the reply text or raises :class:`LLMError`."""
+    """Async chat client: ``await client.chat(messages)`` returns the reply text or raises :class:`LLMError`.
+
+    Safe to share between tasks of one event loop; each event loop gets its own semaphore and connection pool
+    (they cannot cross loops), so the client also works across successive ``asyncio.run`` calls.
+    """
 
     def __init__(self, config: LLMConfig):
         self.config = config
         self.stats: Counter = Counter()
+        self.in_flight = 0
         self._cache = None
         if config.cache_dir:
             import diskcache
 
             self._cache = diskcache.Cache(config.cache_dir)
-        self._per_loop: dict[int, tuple[asyncio.Semaphore, openai.AsyncOpenAI]] = {}
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        if config.api_key_env and not os.environ.get(config.api_key_env):
+            logger.debug("$%s is not set; calling %s without a key", config.api_key_env, config.base_url)
 
     def _resources(self) -> tuple[asyncio.Semaphore, openai.AsyncOpenAI]:
-        # Semaphores and connection pools belong to one event loop; keep one set per running loop.
         loop = asyncio.get_running_loop()
-        key = id(loop)
-        if key not in self._per_loop:
+        if loop not in self._per_loop:
             cfg = self.config
+
+            async def count_response(response: Any) -> None:  # sees every attempt, retries included
+                self.stats[f"http_{response.status_code}"] += 1
+
             client = openai.AsyncOpenAI(
                 base_url=cfg.base_url,
                 api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
-                timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
+                timeout=openai.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
                 max_retries=cfg.max_retries,
+                http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [count_response]}),
             )
-            self._per_loop[key] = (asyncio.Semaphore(cfg.concurrency), client)
-        return self._per_loop[key]
+            self._per_loop[loop] = (asyncio.Semaphore(cfg.concurrency), client)
+        return self._per_loop[loop]
 
     def cache_key(self, messages: list[dict], params: dict[str, Any]) -> str:
         blob = json.dumps({"model": self.config.model, "messages": messages, **params}, sort_keys=True)
@@ -95,6 +120,8 @@ class LLMClient:
         semaphore, client = self._resources()
         async with semaphore:
             self.stats["calls"] += 1
+            self.in_flight += 1
+            self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
             try:
                 response = await client.chat.completions.create(
                     model=cfg.model, messages=messages, extra_body=cfg.extra_body or None, **params
@@ -104,9 +131,26 @@ class LLMClient:
                 raise LLMError(
                     f"{cfg.base_url} rejected the API key for model {cfg.model!r}: set ${cfg.api_key_env}"
                 ) from err
-            except (openai.APIError, httpx.HTTPError) as err:
+            except openai.APITimeoutError as err:
                 self.stats["errors"] += 1
-                raise LLMError(f"{cfg.base_url} (model {cfg.model!r}) failed after {cfg.max_retries} retries: {err}") from err
+                self.stats["timeouts"] += 1
+                raise LLMError(
+                    f"{cfg.base_url} (model {cfg.model!r}) timed out after {cfg.timeout_s}s, "
+                    f"{cfg.max_retries} retries"
+                ) from err
+            except openai.APIStatusError as err:
+                self.stats["errors"] += 1
+                raise LLMError(
+                    f"{cfg.base_url} (model {cfg.model!r}) answered HTTP {err.status_code} "
+                    f"(retries: up to {cfg.max_retries} for 408/409/429/5xx): {err.message}"
+                ) from err
+            except openai.OpenAIError as err:
+                self.stats["errors"] += 1
+                raise LLMError(
+                    f"{cfg.base_url} (model {cfg.model!r}) failed after {cfg.max_retries} retries: {err}"
+                ) from err
+            finally:
+                self.in_flight -= 1
         if not response.choices:
             self.stats["errors"] += 1
             raise LLMError(f"{cfg.base_url} (model {cfg.model!r}) returned no choices")
@@ -120,8 +164,10 @@ class LLMClient:
         return {**asdict(self.config), "stats": dict(self.stats)}
 
     async def aclose(self) -> None:
-        for _, client in self._per_loop.values():
-            await client.close()
+        """Close this loop's connections and the cache. (Pools of other, finished loops are dropped with them.)"""
+        for loop, (_, client) in list(self._per_loop.items()):
+            if loop is asyncio.get_running_loop():
+                await client.close()
         self._per_loop.clear()
         if self._cache is not None:
             self._cache.close()

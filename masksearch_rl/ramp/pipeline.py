@@ -1,0 +1,516 @@
+"""The RAMP generation job: passages in, RAMP items out; resumable, parallel, with a summary at the end.
+
+Reads top to bottom: open the outputs (what is already done is skipped) -> stream passages -> propose spans
+(offline rules in worker processes, or an LLM with async concurrency) -> validate -> optionally score with a
+causal LM (PPL masking) -> choose masks -> append the item, or record the drop in a sidecar -> summary.
+
+Files, for ``--out items.jsonl``:
+  ``items.jsonl``               RAMP items (DESIGN.md schema), append-only, one per passage id
+  ``items.jsonl.dropped.jsonl`` ``{"id", "reason"}`` for passages that gave no item, so a re-run doesn't retry them
+  ``items.jsonl.summary.json``  counts for this run and for the files as a whole
+
+Determinism: the random generator for a passage is seeded from ``(seed, passage id)``, so the output does not
+depend on the number of workers, on the order passages finish in, or on where a killed run stopped.
+Passages whose LLM call failed (endpoint errors after retries) are *not* recorded, so the next run retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from envs.prompts import MASK_TOKEN
+from masksearch_rl.corpus.passage import Passage, split_contents
+from masksearch_rl.jsonl import BadLines, ResumableJsonlWriter, atomic_path, iter_jsonl
+from masksearch_rl.ramp.extractors import Extraction, OfflineExtractor, SpanExtractor, detect_language
+from masksearch_rl.ramp.masking import (
+    Candidate,
+    MaskingConfig,
+    has_mask_token,
+    mask_text,
+    restore_text,
+    select_masks,
+    validate_candidates,
+)
+from masksearch_rl.ramp.ppl import PplConfig
+
+if TYPE_CHECKING:
+    from masksearch_rl.llm import LLMConfig
+
+logger = logging.getLogger(__name__)
+
+EXTRACTORS = ("offline", "llm")
+
+
+@dataclass
+class RampConfig:
+    """Everything one generation run needs; validated up front so a bad flag fails before any work."""
+
+    corpus: str | os.PathLike
+    out: str | os.PathLike
+    extractor: str = "offline"
+    corpus_format: str = "passages"  # our passage JSONL, or a corpus.readers format ("auto", "kilt", ...)
+    chunk_words: int | None = 100  # passage size when corpus_format is an article format
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    llm: LLMConfig | None = None
+    ppl: PplConfig | None = None
+    workers: int = 1
+    seed: int = 0
+    limit: int | None = None  # only the first N passages of the corpus
+    prepend_title: bool = True  # paper: put the title in front when the passage never names its subject
+    min_words: int = 8
+    source: str = "wiki"  # used when a passage record has no "source"
+    use_annotations: bool = True
+    chunk_size: int = 128  # passages per worker task
+    max_llm_errors: int = 1000  # stop (progress kept) when the endpoint keeps failing
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.corpus, self.out = os.fspath(self.corpus), os.fspath(self.out)
+        if self.extractor not in EXTRACTORS:
+            raise ValueError(f"extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
+        if self.extractor == "llm" and self.llm is None:
+            raise ValueError("extractor 'llm' needs an LLM config (base URL and model)")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if not Path(self.corpus).exists():
+            raise FileNotFoundError(f"corpus not found: {self.corpus}")
+        if self.corpus_format == "passages" and not Path(self.corpus).is_file():
+            raise ValueError(f"corpus {self.corpus} is not a passage JSONL file; pass corpus_format='auto'")
+
+    @property
+    def dropped_path(self) -> Path:
+        return Path(f"{self.out}.dropped.jsonl")
+
+    @property
+    def summary_path(self) -> Path:
+        return Path(f"{self.out}.summary.json")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-passage steps (pure functions of the passage and the config: safe in worker processes)
+
+
+@dataclass
+class Prepared:
+    """A passage after extraction and validation, waiting for mask selection."""
+
+    passage: Passage
+    text: str  # the item's passage (the title may have been put in front)
+    source: str
+    candidates: list[Candidate] = field(default_factory=list)
+    rejects: Counter = field(default_factory=Counter)
+    drop: str | None = None
+    parse_error: str | None = None
+    result: dict | str | None = None  # the item or drop reason, when it was already built (in a worker)
+
+
+def passage_from_record(record: dict) -> tuple[Passage, str | None]:
+    """A passage JSONL record (``id`` + ``contents`` and/or ``title``/``text``) -> (Passage, its source)."""
+    contents = record.get("contents")
+    title, text = split_contents(contents) if isinstance(contents, str) else ("", "")
+    if isinstance(record.get("text"), str):
+        text = record["text"]
+    if isinstance(record.get("title"), str):
+        title = record["title"]
+    entities = record.get("entities") if isinstance(record.get("entities"), list) else []
+    source = record.get("source") if isinstance(record.get("source"), str) else None
+    return Passage(id=str(record["id"]), title=title, text=text, entities=entities), source
+
+
+def item_text(passage: Passage, prepend_title: bool) -> str:
+    """The passage as the item shows it. Like the paper, name the subject when the passage never does, so a
+    paragraph about "it" can still be searched for."""
+    text = passage.text.strip()
+    base = passage.title.split(" (")[0].strip()
+    if prepend_title and base and base not in text:
+        return f"{base}: {text}"
+    return text
+
+
+def prepare(passage: Passage, source: str, extraction: Extraction | None, config: RampConfig, text: str) -> Prepared:
+    """Validate the extractor's proposals; mark the passage dropped when nothing can be masked."""
+    prepared = Prepared(passage=passage, text=text, source=source)
+    if extraction is None:
+        return prepared
+    if extraction.parse_error is not None:
+        prepared.drop, prepared.parse_error = "unparseable_reply", extraction.parse_error
+        return prepared
+    prepared.candidates, prepared.rejects = validate_candidates(
+        text, extraction.spans, passage.title, config.masking.max_span_chars
+    )
+    if not prepared.candidates:
+        prepared.drop = "no_valid_span"
+    return prepared
+
+
+def precheck(passage: Passage, config: RampConfig) -> tuple[str, str | None]:
+    """(item text, drop reason or None) for checks that need no extractor."""
+    text = item_text(passage, config.prepend_title)
+    if len(passage.text.split()) < config.min_words:
+        return text, "too_short"
+    if has_mask_token(text):
+        return text, "contains_mask_token"
+    return text, None
+
+
+def prepare_offline(passage: Passage, source: str, config: RampConfig) -> Prepared:
+    text, drop = precheck(passage, config)
+    if drop:
+        return Prepared(passage=passage, text=text, source=source, drop=drop)
+    extractor = OfflineExtractor(use_annotations=config.use_annotations)
+    return prepare(passage, source, extractor.extract_sync(passage, text), config, text)
+
+
+def _process_chunk(chunk: list[tuple[Passage, str]], config: RampConfig) -> list[Prepared]:
+    """Worker task: prepare each passage and, unless PPL scoring (main process) must come first, build its item."""
+    results = []
+    for passage, source in chunk:
+        prepared = prepare_offline(passage, source, config)
+        if config.ppl is None:
+            prepared.result = build_item(prepared, config)
+            prepared.candidates = []  # not needed any more: less to send back
+        results.append(prepared)
+    return results
+
+
+def passage_rng(seed: int, passage_id: str) -> random.Random:
+    """A generator that depends only on the run seed and the passage id (string seeding is stable across runs)."""
+    return random.Random(f"{seed}\x1f{passage_id}")
+
+
+def build_item(prepared: Prepared, config: RampConfig, scores: list[float] | None = None) -> dict | str:
+    """The RAMP item for a prepared passage, or the reason it was dropped."""
+    if prepared.drop:
+        return prepared.drop
+    rng = passage_rng(config.seed, prepared.passage.id)
+    text = prepared.text
+    chosen = select_masks(text, prepared.candidates, config.masking, rng, scores, detect_language(text))
+    if not chosen:
+        return "no_valid_span"
+    masked = mask_text(text, chosen)
+    masks = [c.text for c in chosen]
+    # The invariants the format promises; a failure here is a bug, not bad input.
+    if masked.count(MASK_TOKEN) != len(masks) or restore_text(masked, masks) != text or masked.startswith(MASK_TOKEN):
+        raise RuntimeError(f"passage {prepared.passage.id!r}: masking broke an invariant (masks {masks!r})")
+    item = {
+        "id": prepared.passage.id,
+        "title": prepared.passage.title,
+        "passage": text,
+        "query": masked,
+        "instruction": config.masking.instruction,
+        "masks": masks,
+        "num_masks": len(masks),
+        "entities": [c.text for c in prepared.candidates],
+        "mask_types": [c.type for c in chosen],
+        "source": prepared.source,
+        "extractor": config.extractor,
+        "selection": "ppl" if scores is not None else f"sample:{config.masking.weighting}",
+        "seed": config.seed,
+    }
+    if scores is not None:
+        by_start = {c.start: s for c, s in zip(prepared.candidates, scores)}
+        item["mask_scores"] = [round(by_start[c.start], 4) for c in chosen]
+    return item
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunStats:
+    passages_read: int = 0
+    skipped_done: int = 0
+    duplicate_ids: int = 0
+    items: int = 0
+    dropped: int = 0
+    llm_errors: int = 0
+    parse_rejects: int = 0
+    mask_histogram: Counter = field(default_factory=Counter)
+    drop_reasons: Counter = field(default_factory=Counter)
+    candidate_rejects: Counter = field(default_factory=Counter)
+    span_types_masked: Counter = field(default_factory=Counter)
+    stopped: str | None = None  # why the run ended before the corpus did
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if isinstance(value, Counter):  # (dataclasses.asdict would rebuild a Counter from key/value pairs)
+                value = {str(k): v for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+            data[key] = value
+        return data
+
+
+class _Sink:
+    """Receives prepared passages in any order, scores them for PPL masking in batches, and writes the results."""
+
+    def __init__(
+        self, config: RampConfig, items: ResumableJsonlWriter, dropped: ResumableJsonlWriter, stats: RunStats, bar
+    ):
+        self.config, self.items, self.dropped, self.stats, self.bar = config, items, dropped, stats, bar
+        self.scorer = None
+        if config.ppl is not None:
+            from masksearch_rl.ramp.ppl import PplScorer
+
+            self.scorer = PplScorer(config.ppl)
+        self._pending: list[Prepared] = []
+
+    def add(self, prepared: Prepared) -> None:
+        if prepared.parse_error:
+            self.stats.parse_rejects += 1
+        self.stats.candidate_rejects.update(prepared.rejects)
+        if self.scorer is None or prepared.drop or prepared.result is not None:
+            self._finish(prepared, None)
+            return
+        self._pending.append(prepared)
+        if len(self._pending) >= self.config.ppl.batch_size * 4:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        scores = self.scorer.span_scores(
+            [p.text for p in batch], [[(c.start, c.end) for c in p.candidates] for p in batch]
+        )
+        for prepared, passage_scores in zip(batch, scores):
+            self._finish(prepared, passage_scores)
+
+    def _finish(self, prepared: Prepared, scores: list[float] | None) -> None:
+        result = prepared.result if prepared.result is not None else build_item(prepared, self.config, scores)
+        if isinstance(result, dict):
+            if self.items.write(result):
+                self.stats.items += 1
+                self.stats.mask_histogram[result["num_masks"]] += 1
+                self.stats.span_types_masked.update(result["mask_types"])
+        else:
+            record = {"id": prepared.passage.id, "reason": result}
+            if prepared.parse_error:
+                record["detail"] = prepared.parse_error[:200]
+            if self.dropped.write(record):
+                self.stats.dropped += 1
+                self.stats.drop_reasons[result] += 1
+        self.bar.update(1)
+        self.bar.set_postfix(items=self.stats.items, dropped=self.stats.dropped, refresh=False)
+
+
+def iter_passages(config: RampConfig, bad: BadLines) -> Iterator[tuple[Passage, str]]:
+    """Passages of the corpus (the first ``limit``), skipping bad lines (counted) and records without text."""
+    if config.corpus_format != "passages":
+        from itertools import islice
+
+        from masksearch_rl.corpus.readers import read_corpus
+
+        passages = read_corpus(config.corpus, config.corpus_format, config.chunk_words, bad=bad)
+        for passage in islice(passages, config.limit):
+            yield passage, config.source
+        return
+    count = 0
+    for lineno, record in iter_jsonl(config.corpus, bad=bad, required=("id",)):
+        if config.limit is not None and count >= config.limit:
+            return
+        if not isinstance(record.get("contents"), str) and not isinstance(record.get("text"), str):
+            bad.add(config.corpus, lineno, "no 'contents' or 'text' string")
+            continue
+        count += 1
+        passage, source = passage_from_record(record)
+        yield passage, source or config.source
+
+
+def _count_lines(path: str, limit: int | None) -> int | None:
+    if not Path(path).is_file():
+        return limit
+    total = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            total += block.count(b"\n")
+    return min(total, limit) if limit is not None else total
+
+
+def generate_ramp(config: RampConfig) -> dict[str, Any]:
+    """Run (or resume) a generation job; returns the summary that is also written next to the output."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    stats, bad = RunStats(), BadLines()
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    llm_description = None
+    with ResumableJsonlWriter(config.out) as items, ResumableJsonlWriter(config.dropped_path) as dropped:
+        done = items.done | dropped.done
+        bar = tqdm(
+            total=_count_lines(config.corpus, config.limit) if config.corpus_format == "passages" else config.limit,
+            desc=f"ramp[{config.extractor}]",
+            unit="passage",
+            disable=not config.progress,
+            dynamic_ncols=True,
+        )
+        sink = _Sink(config, items, dropped, stats, bar)
+
+        def todo() -> Iterator[tuple[Passage, str]]:
+            seen: set[str] = set()
+            for passage, source in iter_passages(config, bad):
+                stats.passages_read += 1
+                if passage.id in done:
+                    stats.skipped_done += 1
+                    bar.update(1)
+                elif passage.id in seen:
+                    stats.duplicate_ids += 1
+                else:
+                    seen.add(passage.id)
+                    yield passage, source
+
+        try:
+            if config.extractor == "offline":
+                for prepared in _run_offline(todo(), config):
+                    sink.add(prepared)
+            else:
+                llm_description = asyncio.run(_run_llm(todo(), config, sink, stats))
+            sink.flush()
+        finally:
+            bar.close()
+    summary = {
+        "run": {
+            **stats.as_dict(),
+            "bad_lines": bad.summary(),
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        },
+        "totals": summarize_outputs(config.out),
+        "config": _describe_config(config),
+    }
+    if llm_description is not None:
+        summary["llm"] = llm_description
+    elapsed = summary["run"]["elapsed_s"]
+    summary["run"]["passages_per_s"] = round((stats.items + stats.dropped) / elapsed, 1) if elapsed > 0 else None
+    with atomic_path(config.summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return summary
+
+
+def _run_offline(passages: Iterable[tuple[Passage, str]], config: RampConfig) -> Iterator[Prepared]:
+    """Offline extraction, in this process (workers=1) or in a process pool that sees only a bounded number of
+    chunks at a time (Pool.imap would read the whole corpus ahead). Results come back in input order."""
+    if config.workers == 1:
+        for passage, source in passages:
+            yield prepare_offline(passage, source, config)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork: the parent may run threads (servers, tqdm)
+    in_flight: deque[Future] = deque()
+    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+        for chunk in _chunks(passages, config.chunk_size):
+            in_flight.append(pool.submit(_process_chunk, chunk, config))
+            while len(in_flight) >= 2 * config.workers:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def _run_llm(passages: Iterable[tuple[Passage, str]], config: RampConfig, sink: _Sink, stats: RunStats) -> dict:
+    """LLM extraction with at most ~2x the client's concurrency in flight (the client's semaphore caps the calls)."""
+    from masksearch_rl.llm import LLMClient, LLMError
+    from masksearch_rl.ramp.extractors import LLMExtractor
+
+    client = LLMClient(config.llm)
+    extractor: SpanExtractor = LLMExtractor(client)
+    window = max(2, 2 * config.llm.concurrency)
+
+    async def one(passage: Passage, source: str) -> Prepared | None:
+        text, drop = precheck(passage, config)
+        if drop:
+            return Prepared(passage=passage, text=text, source=source, drop=drop)
+        try:
+            extraction = await extractor.extract(passage, text)
+        except LLMError as err:
+            stats.llm_errors += 1
+            if stats.llm_errors <= 5:
+                logger.warning("passage %s left for a later run: %s", passage.id, err)
+            return None
+        return prepare(passage, source, extraction, config, text)
+
+    pending: set[asyncio.Task] = set()
+    try:
+        for passage, source in passages:
+            pending.add(asyncio.create_task(one(passage, source)))
+            if len(pending) >= window:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                _deliver(finished, sink)
+                if stats.llm_errors >= config.max_llm_errors:
+                    stats.stopped = (
+                        f"stopped early: {stats.llm_errors} failed LLM calls (limit {config.max_llm_errors}); "
+                        "finished work is saved, re-run to continue"
+                    )
+                    logger.error(stats.stopped)
+                    break
+        while pending:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            _deliver(finished, sink)
+    finally:
+        for task in pending:
+            task.cancel()
+        await client.aclose()
+    return client.describe()
+
+
+def _deliver(finished: set[asyncio.Task], sink: _Sink) -> None:
+    for task in finished:
+        prepared = task.result()
+        if prepared is None:
+            sink.bar.update(1)
+        else:
+            sink.add(prepared)
+
+
+def summarize_outputs(out: str | Path) -> dict[str, Any]:
+    """Counts over the whole output files (all runs): items, mask-count histogram, drop reasons."""
+    histogram: Counter = Counter()
+    reasons: Counter = Counter()
+    items = dropped = 0
+    bad = BadLines()
+    if Path(out).exists():
+        for _, item in iter_jsonl(out, bad=bad):
+            items += 1
+            histogram[item.get("num_masks")] += 1
+    dropped_path = Path(f"{out}.dropped.jsonl")
+    if dropped_path.exists():
+        for _, record in iter_jsonl(dropped_path, bad=bad):
+            dropped += 1
+            reasons[record.get("reason")] += 1
+    return {
+        "items": items,
+        "dropped": dropped,
+        "mask_histogram": {str(k): v for k, v in sorted(histogram.items(), key=lambda kv: str(kv[0]))},
+        "drop_reasons": dict(reasons),
+        "bad_lines": bad.total,
+    }
+
+
+def _describe_config(config: RampConfig) -> dict[str, Any]:
+    data = asdict(config)
+    if data.get("llm"):
+        data["llm"].pop("extra_body", None)  # may hold provider options; the key itself is never in the config
+    return data
