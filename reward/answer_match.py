@@ -1,0 +1,200 @@
+"""Answer matching: SQuAD-style normalisation and EM / F1 / token recall / cover-EM, for QA and RAMP.
+
+One implementation shared by the RL reward and the evaluation harness, so training and reported numbers never
+drift apart. Definitions:
+
+* ``normalize_answer``: lowercase, drop ASCII punctuation, drop the articles a/an/the, collapse whitespace
+  (the SQuAD v1.1 evaluation script's normalisation, in the same order).
+* ``exact_match``: normalised strings are equal.
+* ``f1_score``: SQuAD v1.1 token F1 over the multiset of normalised tokens (0 when nothing overlaps; as in the
+  official script this includes the degenerate case of two empty answers).
+* ``token_recall``: the share of gold tokens (multiset) found in the prediction — the MaskSearch paper's metric.
+* ``cover_exact_match``: the normalised gold occurs inside the normalised prediction. By default the match must
+  fall on token boundaries ("10" does not cover "1000"); ``word_boundary=False`` gives the plain substring test
+  some QA papers use.
+
+With several gold aliases every metric takes its own maximum over the aliases (as SQuAD does).
+
+RAMP answers list the masked spans in order, ``span 1 | span 2``; :func:`score_spans` scores them position by
+position and averages over the masks. A long answer without any separator is read as the reconstructed passage:
+each gold span is then scored by cover-EM / recall against the whole answer.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import NamedTuple
+
+from envs.prompts import ANSWER_SEPARATOR
+
+METRICS = ("em", "f1", "recall", "cover_em")
+
+# A bare "|" splits spans; the surrounding spaces of ANSWER_SEPARATOR are optional when reading model output.
+SPAN_DELIMITER = ANSWER_SEPARATOR.strip()
+
+# Answers with no separator and at least this many words are read as a reconstructed paragraph.
+DEFAULT_PARAGRAPH_MIN_WORDS = 12
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_ARTICLE_WORDS = frozenset(("a", "an", "the"))
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lower, strip punctuation, strip articles, collapse whitespace."""
+    text = _PUNCT.sub("", text.lower())
+    tokens = text.split()
+    if "".join(tokens).isalnum():
+        # Every token is made of word characters (regex \w minus "_", which is punctuation), so the official
+        # \b(a|an|the)\b removal is exactly "drop the tokens a/an/the" -- and much cheaper than the regex.
+        return " ".join([token for token in tokens if token not in _ARTICLE_WORDS])
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+class MatchScores(NamedTuple):
+    """The four answer-match metrics for one prediction (each in [0, 1])."""
+
+    em: float = 0.0
+    f1: float = 0.0
+    recall: float = 0.0
+    cover_em: float = 0.0
+
+    def get(self, metric: str) -> float:
+        if metric not in METRICS:
+            raise ValueError(f"unknown answer metric {metric!r}; choose one of {METRICS}")
+        return getattr(self, metric)
+
+
+ZERO = MatchScores()
+
+
+@lru_cache(maxsize=1 << 16)
+def _normalized_gold(gold: str) -> tuple[str, tuple[str, ...]]:
+    # Gold answers repeat across the n rollouts of a prompt: normalise each once.
+    norm = normalize_answer(gold)
+    return norm, tuple(norm.split())
+
+
+def _overlap(pred_tokens: list[str], gold_tokens: tuple[str, ...]) -> int:
+    """Size of the multiset intersection (what SQuAD computes with Counter &, faster for short answers)."""
+    remaining: dict[str, int] = {}
+    for token in gold_tokens:
+        remaining[token] = remaining.get(token, 0) + 1
+    same = 0
+    for token in pred_tokens:
+        left = remaining.get(token)
+        if left:
+            remaining[token] = left - 1
+            same += 1
+    return same
+
+
+def _match(pred_norm: str, pred_tokens: list[str], gold: str, word_boundary: bool) -> MatchScores:
+    gold_norm, gold_tokens = _normalized_gold(gold)
+    em = 1.0 if pred_norm == gold_norm else 0.0
+    if not gold_norm:
+        cover = em  # an empty gold must not be "covered" by every prediction
+    elif word_boundary:
+        cover = 1.0 if f" {gold_norm} " in f" {pred_norm} " else 0.0
+    else:
+        cover = 1.0 if gold_norm in pred_norm else 0.0
+    f1 = recall = 0.0
+    if pred_tokens and gold_tokens:
+        same = _overlap(pred_tokens, gold_tokens)
+        if same:
+            precision = same / len(pred_tokens)
+            recall = same / len(gold_tokens)
+            f1 = 2 * precision * recall / (precision + recall)
+    return MatchScores(em, f1, recall, cover)
+
+
+def score_answer(prediction: str, gold: str | Iterable[str], *, word_boundary: bool = True) -> MatchScores:
+    """All four metrics of ``prediction`` against one gold answer or a list of aliases (max per metric)."""
+    pred_norm = normalize_answer(prediction)
+    pred_tokens = pred_norm.split()
+    if isinstance(gold, str):
+        return _match(pred_norm, pred_tokens, gold, word_boundary)
+    aliases = gold if isinstance(gold, (list, tuple)) else list(gold)
+    if not aliases:
+        raise ValueError("gold answer has no aliases")
+    if len(aliases) == 1:
+        return _match(pred_norm, pred_tokens, str(aliases[0]), word_boundary)
+    scores = [_match(pred_norm, pred_tokens, str(alias), word_boundary) for alias in aliases]
+    return MatchScores(*(max(column) for column in zip(*scores, strict=True)))
+
+
+def exact_match(prediction: str, gold: str | Iterable[str]) -> float:
+    return score_answer(prediction, gold).em
+
+
+def f1_score(prediction: str, gold: str | Iterable[str]) -> float:
+    return score_answer(prediction, gold).f1
+
+
+def token_recall(prediction: str, gold: str | Iterable[str]) -> float:
+    return score_answer(prediction, gold).recall
+
+
+def cover_exact_match(prediction: str, gold: str | Iterable[str], *, word_boundary: bool = True) -> float:
+    return score_answer(prediction, gold, word_boundary=word_boundary).cover_em
+
+
+# ---------------------------------------------------------------------------------------------------- RAMP spans
+
+
+def split_spans(answer: str) -> list[str]:
+    """``"a | b |c"`` -> ``["a", "b", "c"]`` (spaces around the bar optional)."""
+    return [part.strip() for part in answer.split(SPAN_DELIMITER)]
+
+
+def is_paragraph_answer(answer: str, num_masks: int, min_words: int = DEFAULT_PARAGRAPH_MIN_WORDS) -> bool:
+    """A multi-mask answer written as the reconstructed passage: no separator and at least ``min_words`` words."""
+    return num_masks > 1 and SPAN_DELIMITER not in answer and len(answer.split()) >= min_words
+
+
+class SpanScores(NamedTuple):
+    """Mean metrics over the masks, the per-mask scores, and how the answer was read.
+
+    ``mode`` is ``"aligned"`` (one part per mask), ``"paragraph"`` (the answer is the reconstructed passage) or
+    ``"mismatch"`` (wrong number of parts: parts are matched by position, missing masks score 0).
+    """
+
+    mean: MatchScores
+    per_span: tuple[MatchScores, ...]
+    mode: str
+
+
+def _mean(scores: Sequence[MatchScores], n: int) -> MatchScores:
+    return MatchScores(*(sum(column) / n for column in zip(*scores, strict=True)))
+
+
+def score_spans(
+    answer: str,
+    gold_spans: Sequence[str | Iterable[str]],
+    *,
+    allow_paragraph: bool = True,
+    paragraph_min_words: int = DEFAULT_PARAGRAPH_MIN_WORDS,
+    word_boundary: bool = True,
+) -> SpanScores:
+    """Score a RAMP answer against the masked spans (each a string or a list of aliases), averaged over masks."""
+    n = len(gold_spans)
+    if n == 0:
+        raise ValueError("a RAMP item needs at least one gold span")
+    if allow_paragraph and is_paragraph_answer(answer, n, paragraph_min_words):
+        per_span = []
+        for gold in gold_spans:
+            s = score_answer(answer, gold, word_boundary=word_boundary)
+            # Against a whole passage precision means nothing: EM is read as cover-EM and F1 as recall.
+            per_span.append(MatchScores(em=s.cover_em, f1=s.recall, recall=s.recall, cover_em=s.cover_em))
+        return SpanScores(mean=_mean(per_span, n), per_span=tuple(per_span), mode="paragraph")
+    parts = split_spans(answer)
+    padded: list[str | None] = [*parts, *([None] * (n - len(parts)))]
+    per_span = [
+        ZERO if part is None else score_answer(part, gold, word_boundary=word_boundary)
+        for gold, part in zip(gold_spans, padded, strict=False)
+    ]
+    mode = "aligned" if len(parts) == n else "mismatch"
+    return SpanScores(mean=_mean(per_span, n), per_span=tuple(per_span), mode=mode)

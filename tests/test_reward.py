@@ -1,0 +1,628 @@
+"""Reward: format check, answer matching (SQuAD EM/F1, recall, cover-EM, RAMP spans), combination, verl loading.
+
+Expected numbers are worked out by hand from the SQuAD v1.1 definitions (see the comments next to each case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envs.prompts import answer_block, information_block
+from reward.answer_match import (
+    cover_exact_match,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    score_answer,
+    score_spans,
+    split_spans,
+    token_recall,
+)
+from reward.combine import RewardConfig, combine
+from reward.format import FormatReason, FormatRules, check_format, extract_answer
+from reward.masksearch_reward import RESULT_KEYS, compute_score, compute_score_sync, parse_ground_truth, reset_caches
+
+R = FormatReason
+RAMP_GT = {"target": ["Gustave Eiffel", "1889"], "masks": ["Gustave Eiffel", "1889"]}
+
+
+def trajectory(*blocks: str, answer: str = "Gustave Eiffel | 1889", tail: str = "<|im_end|>") -> str:
+    return "".join(blocks) + answer_block(answer) + tail
+
+
+def search(query: str, docs: str = "Doc 1 (Title: Eiffel Tower) The tower opened in 1889.") -> str:
+    return f"<search> {query} </search>{information_block(docs)}"
+
+
+THINK = "<think> I need the designer and the year. </think>\n"
+GOOD = trajectory(THINK, search("Eiffel Tower designer"), THINK, search("Eiffel Tower opening year"), THINK)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_configs():
+    reset_caches()
+    yield
+    reset_caches()
+
+
+# ------------------------------------------------------------------------------------------------------ format
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        GOOD,
+        trajectory(search("q1"), search("q2"), search("q3")),  # no think blocks: allowed by default
+        trajectory(),  # answer straight away
+        trajectory(THINK, tail=""),
+        trajectory(THINK, tail="<|endoftext|><|endoftext|>\n"),
+        trajectory(THINK, tail="\n</s>"),
+        trajectory("<think></think>", search("q")),  # empty think (Qwen3 style)
+        # the retriever's text is opaque: tags quoted inside <information> do not count
+        trajectory(search("q", docs="a page quoting <answer> x </answer> and <think> and </search>")),
+    ],
+)
+def test_well_formed_responses(response):
+    result = check_format(response, num_masks=2)
+    assert result.ok and result.reason is R.OK
+    assert result.answer == "Gustave Eiffel | 1889"
+
+
+def test_counts_searches_and_thinks():
+    result = check_format(GOOD, num_masks=2)
+    assert (result.num_searches, result.num_thinks) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        (f"{THINK}{search('q')}<think> still unsure </think>", R.NO_ANSWER),
+        (f"{THINK}<answer> a | b </answer> <answer> c | d </answer>", R.MULTIPLE_ANSWERS),
+        (trajectory(THINK, tail=" Hope this helps!"), R.TEXT_AFTER_ANSWER),
+        (trajectory(THINK, tail="<|im_end|> more"), R.TEXT_AFTER_ANSWER),
+        (trajectory(THINK, tail="<think> after </think>"), R.TEXT_AFTER_ANSWER),
+        (f"{THINK}<answer> a | b", R.UNCLOSED_TAG),
+        ("<think> thinking forever", R.UNCLOSED_TAG),
+        (f"{THINK}<search> q </search>\n<information> docs ...", R.UNCLOSED_TAG),
+        ("</think> <answer> a | b </answer>", R.UNEXPECTED_CLOSE),
+        ("<think> x </search> <answer> a | b </answer>", R.UNEXPECTED_CLOSE),
+        ("<think> x <search> q </search> </think> <answer> a | b </answer>", R.NESTED_TAG),
+        ("<think> I will write <answer> a | b </answer>", R.NESTED_TAG),
+        ("<search> q </search> <answer> a | b </answer>", R.SEARCH_WITHOUT_INFORMATION),
+        (f"<search> q </search> {search('q2')}<answer> a | b </answer>", R.SEARCH_WITHOUT_INFORMATION),
+        ("<information> made up </information> <answer> a | b </answer>", R.INFORMATION_WITHOUT_SEARCH),
+        (f"{search('q')}<information> twice </information><answer> a | b </answer>", R.INFORMATION_WITHOUT_SEARCH),
+        ("<search>   </search>" + information_block("x") + "<answer> a | b </answer>", R.EMPTY_SEARCH),
+        ("<answer>   </answer>", R.EMPTY_ANSWER),
+        ("Sure! <answer> a | b </answer>", R.UNTAGGED_TEXT),
+        (f"{THINK} so the answer is <answer> a | b </answer>", R.UNTAGGED_TEXT),
+        ("<answer> a | b | c </answer>", R.SPAN_COUNT_MISMATCH),
+        ("<answer> only one </answer>", R.SPAN_COUNT_MISMATCH),
+    ],
+)
+def test_malformed_responses(response, reason):
+    result = check_format(response, num_masks=2)
+    assert not result.ok
+    assert result.reason is reason, result
+
+
+def test_format_rules_are_configurable():
+    chatty = "Sure! <answer> a | b </answer>"
+    assert check_format(chatty, num_masks=2, rules=FormatRules(allow_untagged_text=True)).ok
+    assert check_format(trajectory(THINK, tail="[END]"), rules=FormatRules(eos_tokens=("[END]",))).ok
+    no_think = trajectory(search("q"))
+    assert check_format(no_think, rules=FormatRules(require_think=True)).reason is R.MISSING_THINK
+    assert check_format(GOOD, rules=FormatRules(require_think=True)).ok
+
+
+def test_span_count_for_ramp_and_qa():
+    assert check_format("<answer> a | b | c </answer>", num_masks=3).ok
+    assert check_format("<answer> a|b|c </answer>", num_masks=3).ok  # spaces around the bar optional
+    # a single-mask answer that hedges with several candidates is a count mismatch
+    assert check_format("<answer> a | b </answer>", num_masks=1).reason is R.SPAN_COUNT_MISMATCH
+    # QA rows (num_masks=None) take the answer as it is
+    assert check_format("<answer> a | b </answer>").ok
+
+
+def test_paragraph_answers():
+    paragraph = "The tower was designed by Gustave Eiffel and opened in Paris in 1889 for the World Fair."
+    result = check_format(f"<answer> {paragraph} </answer>", num_masks=2)
+    assert result.ok and result.paragraph
+    strict = FormatRules(allow_paragraph=False)
+    assert check_format(f"<answer> {paragraph} </answer>", num_masks=2, rules=strict).reason is R.SPAN_COUNT_MISMATCH
+    assert check_format("<answer> Gustave Eiffel 1889 </answer>", num_masks=2).reason is R.SPAN_COUNT_MISMATCH
+
+
+def test_extract_answer():
+    assert extract_answer(GOOD) == "Gustave Eiffel | 1889"
+    assert extract_answer("<answer> a </answer> <answer> b </answer>") == "b"
+    assert extract_answer("<answer> unfinished") is None
+    assert extract_answer("no tags") is None
+
+
+# ------------------------------------------------------------------------------------------------ answer match
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "em", "f1", "recall", "cover"),
+    [
+        # both normalise to "eiffel tower"
+        ("the Eiffel Tower!", "Eiffel tower", 1, 1, 1, 1),
+        # 1 common token; P = 1/1, R = 1/2, F1 = 2PR/(P+R) = 1/1.5 = 2/3
+        ("Eiffel", "Eiffel Tower", 0, 2 / 3, 1 / 2, 0),
+        # pred "tall eiffel tower in paris": 2 common; P = 2/5, R = 1, F1 = 0.8/1.4 = 4/7
+        ("the tall Eiffel Tower in Paris", "Eiffel Tower", 0, 4 / 7, 1, 1),
+        # multiset overlap: min(2,1)+min(2,1) = 2; P = 2/4, R = 1, F1 = 1/1.5 = 2/3
+        ("New York New York", "New York", 0, 2 / 3, 1, 1),
+        # bag of words: same tokens, other order
+        ("York New", "New York", 0, 1, 1, 0),
+        # articles are dropped as words only ("and" stays); gold "anderson co"; P = 2/3, R = 1, F1 = 0.8
+        ("Anderson and Co.", "Anderson & Co", 0, 0.8, 1, 0),
+        ("A Tale of Two Cities", "tale of two cities", 1, 1, 1, 1),
+        ("U.S.A.", "USA", 1, 1, 1, 1),
+        ("Lyon", "Paris", 0, 0, 0, 0),
+        ("", "Paris", 0, 0, 0, 0),
+        # SQuAD v1.1 quirk: two answers that normalise to "" are an exact match but have F1 0
+        ("a", "The", 1, 0, 0, 1),
+        # cover-EM works on token boundaries: "10" is not inside "1000"
+        ("in 1000 BC", "10", 0, 0, 0, 0),
+    ],
+)
+def test_squad_metrics_by_hand(prediction, gold, em, f1, recall, cover):
+    scores = score_answer(prediction, gold)
+    assert scores.em == em
+    assert scores.f1 == pytest.approx(f1)
+    assert scores.recall == pytest.approx(recall)
+    assert scores.cover_em == cover
+    assert exact_match(prediction, gold) == em and f1_score(prediction, gold) == pytest.approx(f1)
+    assert token_recall(prediction, gold) == pytest.approx(recall)
+    assert cover_exact_match(prediction, gold) == cover
+
+
+def test_aliases_take_the_max_of_each_metric_separately():
+    # vs "obama": EM 0, P = 1/2, R = 1 -> F1 2/3, recall 1, cover 1
+    # vs "barack h obama": 2 common; P = 1, R = 2/3 -> F1 = (4/3)/(5/3) = 0.8, recall 2/3, cover 0
+    scores = score_answer("Barack Obama", ["Obama", "Barack H. Obama"])
+    assert scores.em == 0
+    assert scores.f1 == pytest.approx(0.8)
+    assert scores.recall == 1 and scores.cover_em == 1
+
+
+def test_plain_substring_cover_em_is_available():
+    assert cover_exact_match("in 1000 BC", "10", word_boundary=False) == 1
+
+
+def test_ramp_spans_aligned_by_position():
+    assert score_spans("Gustave Eiffel | 1889", ["Gustave Eiffel", "1889"]).mean.em == 1
+    half = score_spans("Gustave Eiffel | 1890", ["Gustave Eiffel", "1889"])
+    assert half.mode == "aligned" and half.mean.em == 0.5 and half.mean.recall == 0.5
+    # per-span aliases
+    assert score_spans("Eiffel|1889", [["Gustave Eiffel", "Eiffel"], "1889"]).mean.em == 1
+    # recall per span: "gustave" covers 1/2 of "gustave eiffel", "1889" covers 1/2 of "in 1889"; mean 1/2
+    partial = score_spans("Gustave | 1889", ["Gustave Eiffel", "in 1889"])
+    assert partial.mean.recall == pytest.approx(0.5)
+    assert [s.recall for s in partial.per_span] == [0.5, 0.5]
+    # wrong order scores by position
+    assert score_spans("1889 | Gustave Eiffel", ["Gustave Eiffel", "1889"]).mean.em == 0
+
+
+def test_ramp_span_count_mismatch_scores_by_position():
+    short = score_spans("Gustave Eiffel", ["Gustave Eiffel", "1889"])
+    assert short.mode == "mismatch" and short.mean.em == 0.5
+    extra = score_spans("Gustave Eiffel | 1889 | Paris", ["Gustave Eiffel", "1889"])
+    assert extra.mode == "mismatch" and extra.mean.em == 1
+    # hedging a single mask with candidates: only the first one counts
+    hedged = score_spans("Paris | Lyon", ["Lyon"])
+    assert hedged.mode == "mismatch" and hedged.mean.recall == 0
+    assert score_spans("Lyon", ["Lyon"]).mode == "aligned"
+
+
+def test_ramp_paragraph_answers_score_each_span_against_the_whole_text():
+    paragraph = "The tower was designed by Gustave Eiffel and opened in 1889 for the World's Fair in Paris."
+    scored = score_spans(paragraph, ["Gustave Eiffel", "1889", "London"])
+    assert scored.mode == "paragraph"
+    assert [s.cover_em for s in scored.per_span] == [1, 1, 0]
+    assert scored.mean.em == pytest.approx(2 / 3) and scored.mean.recall == pytest.approx(2 / 3)
+    assert score_spans(paragraph, ["Gustave Eiffel", "1889", "London"], allow_paragraph=False).mode == "mismatch"
+
+
+def test_split_spans():
+    assert split_spans("a | b|c  |  d") == ["a", "b", "c", "d"]
+
+
+def _official_normalize(s: str) -> str:
+    """The SQuAD v1.1 evaluation script's normalisation, written out from its definition."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+NORMALISATION_PIECES = [*"aAnNtThHeE .,!-_'’–é1\t\n\x00\u2028", "the ", " an ", "a.", "ß", "The", "İ", "Ⅻ"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.lists(st.sampled_from(NORMALISATION_PIECES), max_size=30).map("".join), st.text(max_size=30)))
+def test_normalisation_equals_the_official_definition(text):
+    assert normalize_answer(text) == _official_normalize(text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(max_size=30), st.lists(st.text(max_size=20), min_size=1, max_size=3))
+def test_metric_invariants(prediction, golds):
+    scores = score_answer(prediction, golds)
+    for value in scores:
+        assert 0.0 <= value <= 1.0
+    # covering a (non-empty) gold means finding all its tokens; an empty gold is covered only by an exact match
+    assert scores.cover_em <= max(scores.recall, scores.em)
+    pred = normalize_answer(prediction)
+    if pred and any(normalize_answer(g) == pred for g in golds):
+        assert scores.em == scores.f1 == scores.recall == scores.cover_em == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ compute_score
+
+
+def test_result_has_every_key_and_numeric_values():
+    for response in (GOOD, "", "<answer>", "garbage </answer>"):
+        result = compute_score_sync("ramp", response, RAMP_GT)
+        assert tuple(result) == RESULT_KEYS
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in result.values())
+
+
+def test_good_trajectory_scores_one():
+    result = compute_score_sync("ramp", GOOD, RAMP_GT, {"index": 0, "num_masks": 2})
+    assert result["score"] == 1 and result["acc"] == 1 and result["format"] == 1
+    assert result["num_searches"] == 2 and result["judge"] == 0 and result["judge_fallback"] == 0
+
+
+def test_format_gate_zeroes_a_correct_answer():
+    response = trajectory(THINK, tail=" and that's my answer")
+    result = compute_score_sync("ramp", response, RAMP_GT)
+    assert result["format"] == 0 and result["format_code"] == R.TEXT_AFTER_ANSWER
+    assert result["em"] == 1 and result["recall"] == 1  # still reported
+    assert result["score"] == 0 and result["acc"] == 0
+
+
+def test_ramp_default_metric_is_recall_and_metrics_are_selectable():
+    response = trajectory(answer="Eiffel | 1889")  # recall (1/2 + 1)/2 = 0.75, EM 0.5
+    assert compute_score_sync("ramp", response, RAMP_GT)["score"] == pytest.approx(0.75)
+    assert compute_score_sync("ramp", response, RAMP_GT, ramp_metric="em")["score"] == pytest.approx(0.5)
+    # F1 per span: "eiffel" vs "gustave eiffel" -> P 1, R 1/2, F1 2/3; mean (2/3 + 1)/2 = 5/6
+    assert compute_score_sync("ramp", response, RAMP_GT, ramp_metric="f1")["score"] == pytest.approx(5 / 6)
+
+
+def test_qa_rows_and_ground_truth_shapes():
+    response = "<think> easy </think><answer> the Big Apple </answer>"
+    aliases = ["New York City", "Big Apple"]
+    for gt in (
+        {"target": aliases},
+        {"target": np.array(aliases, dtype=object)},
+        aliases,
+        np.array(aliases),
+        "Big Apple",
+        {"target": [aliases]},
+    ):
+        result = compute_score_sync("hotpotqa", response, gt)
+        assert result["score"] == 1 and result["em"] == 1, gt
+    assert compute_score_sync("hotpotqa", response, "New York City")["score"] == 0
+    # QA answers are never split at "|"
+    assert compute_score_sync("nq", "<answer> AC|DC </answer>", "AC/DC")["em"] == 1
+
+
+def test_ramp_ground_truth_shapes():
+    target = parse_ground_truth("ramp", {"target": np.array(["a", "b"]), "masks": np.array(["a", "b"])})
+    assert target.is_ramp and target.blanks == (("a",), ("b",))
+    # masks with aliases; masks decide RAMP even for another data source name
+    target = parse_ground_truth("ramp_wiki", {"masks": [["Eiffel", "Gustave Eiffel"], "1889"]})
+    assert target.is_ramp and target.blanks == (("Eiffel", "Gustave Eiffel"), ("1889",))
+    assert parse_ground_truth("ramp", {"target": ["x", "y"]}).blanks == (("x",), ("y",))
+    # parquet reads nested lists back as object arrays of arrays; numbers become strings
+    nested = np.array([np.array(["Eiffel", "Gustave Eiffel"]), np.array([1889])], dtype=object)
+    assert parse_ground_truth("ramp", {"masks": nested}).blanks == (("Eiffel", "Gustave Eiffel"), ("1889",))
+    assert parse_ground_truth("nq", {"target": np.array([["a", "b"]], dtype=object)}).blanks == (("a", "b"),)
+    with pytest.raises(ValueError, match="data_source='ramp'"):
+        parse_ground_truth("ramp", {"masks": []})
+    with pytest.raises(ValueError, match="no 'target'"):
+        parse_ground_truth("nq", {"answers": ["x"]})
+
+
+def test_combination_options():
+    bad_but_right = trajectory(tail=" !")
+    kwargs = dict(format_weight=0.2, format_penalty=-0.5, answer_weight=1.0)
+    assert compute_score_sync("ramp", GOOD, RAMP_GT, **kwargs)["score"] == pytest.approx(1.2)
+    assert compute_score_sync("ramp", bad_but_right, RAMP_GT, **kwargs)["score"] == pytest.approx(-0.5)
+    ungated = compute_score_sync("ramp", bad_but_right, RAMP_GT, format_gate=False, **kwargs)
+    assert ungated["score"] == pytest.approx(0.5) and ungated["acc"] == 1
+    clipped = compute_score_sync("ramp", GOOD, RAMP_GT, max_score=1.0, **kwargs)
+    assert clipped["score"] == 1.0
+    config = RewardConfig(format_weight=0.2, format_penalty=-0.5)
+    assert config.bounds() == (-0.5, 1.2)
+    assert combine(False, 1.0, config) == (-0.5, 0.0)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="ramp_metric"):
+        compute_score_sync("ramp", GOOD, RAMP_GT, ramp_metric="bleu")
+    with pytest.raises(ValueError, match="unknown reward.custom_reward_function.reward_kwargs option.*metrc"):
+        compute_score_sync("ramp", GOOD, RAMP_GT, metrc="em")
+    with pytest.raises(ValueError, match="format option.*strict"):
+        compute_score_sync("ramp", GOOD, RAMP_GT, format={"strict": True})
+    with pytest.raises(ValueError, match="format_gate='maybe'"):
+        compute_score_sync("ramp", GOOD, RAMP_GT, format_gate="maybe")
+    with pytest.raises(ValueError, match="judge.base_url"):
+        compute_score_sync("ramp", trajectory(answer="x | y"), RAMP_GT, ramp_metric="judge")
+
+
+def test_options_from_hydra_nodes_and_environment(monkeypatch):
+    from omegaconf import OmegaConf
+
+    response = trajectory(answer="Eiffel | 1889")
+    node = OmegaConf.create({"ramp_metric": "em", "format": {"require_think": True, "eos_tokens": ["<|im_end|>"]}})
+    result = compute_score_sync("ramp", response, RAMP_GT, **node)
+    assert result["format_code"] == R.MISSING_THINK
+    assert compute_score_sync("ramp", THINK + response, RAMP_GT, **node)["score"] == 0.5
+
+    monkeypatch.setenv("MASKSEARCH_REWARD_RAMP_METRIC", "em")
+    monkeypatch.setenv("MASKSEARCH_REWARD_FORMAT_REQUIRE_THINK", "true")
+    reset_caches()
+    assert compute_score_sync("ramp", THINK + response, RAMP_GT)["score"] == 0.5
+    assert compute_score_sync("ramp", response, RAMP_GT)["format_code"] == R.MISSING_THINK
+    # explicit kwargs beat the environment
+    assert compute_score_sync("ramp", THINK + response, RAMP_GT, ramp_metric="recall")["score"] == 0.75
+
+
+def test_runtime_kwargs_from_verl_are_accepted():
+    result = compute_score_sync("ramp", GOOD, RAMP_GT, reward_router_address="127.0.0.1:1", reward_model_tokenizer=None)
+    assert result["score"] == 1
+
+
+async def test_async_entry_matches_sync():
+    for response in (GOOD, trajectory(answer="Eiffel | 1889"), "junk"):
+        assert await compute_score("ramp", response, RAMP_GT) == compute_score_sync("ramp", response, RAMP_GT)
+
+
+# -------------------------------------------------------------------------------------- property tests (hypothesis)
+
+TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>"]
+PIECES = [*TAGS, " ", "\n", "Paris", "1889", " | ", "|", "the", "<|im_end|>", "<|endoftext|>", "</s>", "<", ">", "x"]
+CONFIGS = [
+    {},
+    {"ramp_metric": "em", "qa_metric": "f1"},
+    {"format_weight": 0.1, "format_penalty": -1.0},
+    {"format_gate": False, "answer_weight": 2.0, "format_penalty": -0.3},
+    {"format_weight": 0.5, "max_score": 1.0, "min_score": -0.2, "format_penalty": -1.0},
+    {"ramp_metric": "cover_em", "format": {"allow_untagged_text": True, "require_think": True}},
+]
+GROUND_TRUTHS = [
+    ("ramp", RAMP_GT),
+    ("ramp", {"target": ["Paris"], "masks": ["Paris"]}),
+    ("ramp", {"masks": [["Paris", "the city of Paris"], "1889", "x"]}),
+    ("hotpotqa", {"target": ["Paris", "1889"]}),
+    ("nq", "the"),
+]
+
+
+_BOUNDS = [RewardConfig.from_kwargs(kwargs, env={}).bounds() for kwargs in CONFIGS]
+
+
+def _check(response: str, config_index: int, gt_index: int) -> None:
+    data_source, ground_truth = GROUND_TRUTHS[gt_index]
+    result = compute_score_sync(data_source, response, ground_truth, **CONFIGS[config_index])
+    low, high = _BOUNDS[config_index]
+    assert tuple(result) == RESULT_KEYS
+    assert low - 1e-9 <= result["score"] <= high + 1e-9
+    for key in ("acc", "format", "em", "f1", "recall", "cover_em", "judge", "judge_fallback"):
+        assert 0.0 <= result[key] <= 1.0
+    if result["format"] == 1:
+        assert extract_answer(response)
+
+
+# Strings are one primitive draw for Hypothesis (cheap to generate and to shrink): each character of a drawn code
+# string stands for one piece of the tag alphabet.
+_CODES = "".join(chr(ord("A") + i) for i in range(len(PIECES)))
+_PIECE_OF = dict(zip(_CODES, PIECES, strict=True))
+tag_strings = st.text(alphabet=_CODES, max_size=40).map(lambda codes: "".join(_PIECE_OF[c] for c in codes))
+indices = (st.integers(0, len(CONFIGS) - 1), st.integers(0, len(GROUND_TRUTHS) - 1))
+
+
+@settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tag_strings, *indices)
+def test_random_tag_strings_never_raise_and_stay_in_bounds(response, config_index, gt_index):
+    _check(response, config_index, gt_index)
+
+
+ANSWERS = ["Gustave Eiffel | 1889", "Paris", "a | b | c", "", "Paris | 1889"]
+TAILS = ["", "<|im_end|>", " x", "\n"]
+INSERTS = [*TAGS, "|", "<|im_end|>", "x"]
+
+
+@st.composite
+def mutated_trajectories(draw):
+    """A valid trajectory, then up to three adversarial edits: drop, duplicate or insert a tag."""
+    kinds = draw(st.text(alphabet="ts", max_size=4))
+    blocks = [THINK if kind == "t" else search("Eiffel") for kind in kinds]
+    text = trajectory(*blocks, answer=draw(st.sampled_from(ANSWERS)), tail=draw(st.sampled_from(TAILS)))
+    for op in draw(st.text(alphabet="ddi", max_size=3)):
+        at = draw(st.integers(0, 10**6))
+        tags = list(re.finditer("|".join(map(re.escape, TAGS)), text))
+        if op == "i" or not tags:
+            at %= len(text) + 1
+            text = text[:at] + INSERTS[draw(st.integers(0, len(INSERTS) - 1))] + text[at:]
+        else:
+            m = tags[at % len(tags)]
+            duplicate = draw(st.booleans())
+            text = text[: m.start()] + (m.group() * 2 if duplicate else "") + text[m.end() :]
+    return text
+
+
+@settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_trajectories(), *indices)
+def test_mutated_trajectories_never_raise_and_stay_in_bounds(response, config_index, gt_index):
+    _check(response, config_index, gt_index)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(max_size=200), *indices)
+def test_arbitrary_text_never_raises(response, config_index, gt_index):
+    _check(response, config_index, gt_index)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="ts", max_size=5),
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_characters="<>|"), min_size=1, max_size=12), min_size=1, max_size=4
+    ),
+)
+def test_generated_valid_trajectories_pass(kinds, spans):
+    spans = [s.strip() or "x" for s in spans]
+    blocks = [THINK if kind == "t" else search("query") for kind in kinds]
+    response = trajectory(*blocks, answer=" | ".join(spans))
+    result = check_format(response, num_masks=len(spans))
+    assert result.ok, (result, response)
+    assert result.num_searches == kinds.count("s")
+
+
+# -------------------------------------------------------------------------------- loading through verl's machinery
+
+
+def _tiny_tokenizer(path: Path) -> Path:
+    """A byte-level BPE tokenizer trained here on a few lines (no downloads), saved as a HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([GOOD, "Fill in the [mask] tokens."] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return path
+
+
+def _compose(manager: str, tokenizer_dir: Path, extra: list[str]):
+    import verl.trainer.config
+    from hydra import compose, initialize_config_dir
+
+    config_dir = str(Path(verl.trainer.config.__file__).parent)
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(
+            "ppo_trainer",
+            overrides=[
+                "reward.custom_reward_function.path=pkg://reward.masksearch_reward",
+                "reward.custom_reward_function.name=compute_score",
+                f"reward.reward_manager.name={manager}",
+                f"actor_rollout_ref.model.path={tokenizer_dir}",
+                *extra,
+            ],
+        )
+
+
+def _batch(tokenizer, rows: list[tuple[str, str, object]]):
+    import torch
+    from verl import DataProto
+
+    prompts = [tokenizer.encode("Fill in the [mask] tokens.") for _ in rows]
+    responses = [tokenizer.encode(response) for _, response, _ in rows]
+    plen, rlen, pad = max(map(len, prompts)), max(map(len, responses)), tokenizer.pad_token_id
+    prompt_ids = torch.tensor([[pad] * (plen - len(p)) + p for p in prompts])
+    response_ids = torch.tensor([r + [pad] * (rlen - len(r)) for r in responses])
+    mask = torch.tensor(
+        [
+            [0] * (plen - len(p)) + [1] * len(p) + [1] * len(r) + [0] * (rlen - len(r))
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+    )
+    return DataProto.from_dict(
+        tensors={"prompts": prompt_ids, "responses": response_ids, "attention_mask": mask},
+        non_tensors={
+            "data_source": np.array([ds for ds, _, _ in rows], dtype=object),
+            "reward_model": np.array([{"style": "rule", "ground_truth": gt} for _, _, gt in rows], dtype=object),
+            "extra_info": np.array([{"index": i, "num_masks": 2} for i in range(len(rows))], dtype=object),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return _tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+ROWS = [
+    ("ramp", GOOD, RAMP_GT),  # perfect
+    ("ramp", trajectory(THINK, answer="Eiffel | 1889"), RAMP_GT),  # recall 0.75, em 0.5
+    ("ramp", trajectory(THINK, tail=" extra"), RAMP_GT),  # right answer, broken format
+    ("hotpotqa", "<think> x </think><answer> Paris </answer><|im_end|>", {"target": np.array(["Paris"])}),
+]
+
+
+@pytest.mark.parametrize("manager", ["naive", "dapo"])
+async def test_verl_reward_loop_loads_and_scores(manager, tokenizer_dir):
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    config = _compose(manager, tokenizer_dir, ["+reward.custom_reward_function.reward_kwargs.qa_metric=f1"])
+    worker = RewardLoopWorker(config)  # builds the manager with verl's load_reward_manager / get_custom_reward_fn
+    assert type(worker.reward_manager).__name__ == {"naive": "NaiveRewardManager", "dapo": "DAPORewardManager"}[manager]
+    assert worker.reward_manager.is_async_reward_score
+    outputs = await worker.compute_score_batch(_batch(worker.input_tokenizer, ROWS))
+
+    scores = [o["reward_score"] for o in outputs]
+    assert scores == pytest.approx([1.0, 0.75, 0.0, 1.0])
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert [i["em"] for i in infos] == pytest.approx([1.0, 0.5, 1.0, 1.0])
+    assert [i["format"] for i in infos] == [1.0, 1.0, 0.0, 1.0]
+    # verl stacks every key of the first sample into arrays: all samples must carry the same keys
+    assert all(set(i) == set(infos[0]) >= set(RESULT_KEYS) for i in infos)
+    stacked = {key: np.array([i[key] for i in infos]) for key in infos[0]}
+    assert stacked["acc"].dtype.kind == "f" and stacked["acc"].tolist() == pytest.approx([1.0, 0.75, 0.0, 1.0])
+
+
+async def test_verl_dapo_overlong_penalty_and_reward_kwargs(tokenizer_dir):
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    overrides = [
+        "+reward.custom_reward_function.reward_kwargs.ramp_metric=em",
+        "+reward.custom_reward_function.reward_kwargs.format.require_think=true",
+        "+reward.reward_kwargs.max_resp_len=24",
+        "+reward.reward_kwargs.overlong_buffer_cfg.enable=true",
+        "+reward.reward_kwargs.overlong_buffer_cfg.len=16",
+        "+reward.reward_kwargs.overlong_buffer_cfg.penalty_factor=1.0",
+        "+reward.reward_kwargs.overlong_buffer_cfg.log=true",
+    ]
+    worker = RewardLoopWorker(_compose("dapo", tokenizer_dir, overrides))
+    rows = [("ramp", "<answer> Gustave Eiffel | 1889 </answer>", RAMP_GT), ROWS[1]]
+    data = _batch(worker.input_tokenizer, rows)
+    outputs = await worker.compute_score_batch(data)
+    short, long = outputs
+    # reward_kwargs reached compute_score: require_think fails the first, ramp_metric=em scores the second 0.5
+    assert short["reward_extra_info"]["format_code"] == R.MISSING_THINK and short["reward_extra_info"]["score"] == 0
+    assert long["reward_extra_info"]["score"] == 0.5
+    # the second response is far longer than max_resp_len - buffer: DAPO adds its (negative) overlong penalty
+    length = int(data.batch["attention_mask"][1, data.batch["prompts"].shape[1] :].sum())
+    expected_penalty = min(-(length - (24 - 16)) / 16 * 1.0, 0)
+    assert expected_penalty < 0
+    assert float(long["reward_extra_info"]["overlong_reward"]) == pytest.approx(expected_penalty)
+    assert float(long["reward_score"]) == pytest.approx(0.5 + expected_penalty)
+
+
+def test_verl_get_custom_reward_fn_passes_reward_kwargs(tokenizer_dir):
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    config = _compose("naive", tokenizer_dir, ["+reward.custom_reward_function.reward_kwargs.ramp_metric=em"])
+    fn = get_custom_reward_fn(config)
+    result = asyncio.run(fn(data_source="ramp", solution_str=trajectory(answer="Eiffel | 1889"), ground_truth=RAMP_GT))
+    assert result["score"] == 0.5
