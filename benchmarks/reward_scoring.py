@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import time
 import timeit
 from pathlib import Path
