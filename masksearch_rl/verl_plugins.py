@@ -2,3 +2,6 @@
 
 Each extension lives in its own small module; this file only imports them so their registry decorators run.
 """
+
+# Trainer mode "masksearch_curriculum" (trainer.v1.trainer_mode): masked-span-count curriculum sampler.
+import masksearch_rl.curriculum.trainer  # noqa: E402,F401
