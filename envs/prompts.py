@@ -23,6 +23,7 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 # Generation stops at the end of a search call (the environment answers) or at the final answer.
 STOP_STRINGS = [SEARCH_CLOSE, ANSWER_CLOSE]
+PROTOCOL_TAGS = (THINK_OPEN, THINK_CLOSE, SEARCH_OPEN, SEARCH_CLOSE, INFO_OPEN, INFO_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 # The agent names rows carry in verl parquet (`agent_name`): our tag loop, and verl's built-in hermes tool loop.
 TAG_AGENT_NAME = "masksearch_agent"
@@ -80,6 +81,25 @@ def qa_messages(question: str, tool_variant: bool = False) -> list[dict[str, str
         {"role": "system", "content": system},
         {"role": "user", "content": f"Question: {question.strip()}"},
     ]
+
+
+# What the environment writes inside <information> when a search does not return results. The policy sees these
+# texts during training, so they say plainly what went wrong and what to do next.
+SEARCH_NO_RESULTS = "No results were found for this query."
+SEARCH_EMPTY_QUERY = "Search error: the query is empty or missing, so nothing was searched. Write what to search for."
+SEARCH_QUERY_TOO_LONG = (
+    "Search error: the query is {length} characters long and the limit is {limit}, so nothing was searched. "
+    "Write a shorter query."
+)
+SEARCH_FAILED = (
+    "Search error: the search engine did not answer ({reason}). There are no results for this query; "
+    "search again or answer with what you already know."
+)
+SEARCH_LIMIT_REACHED = (
+    "Search limit reached: all {limit} searches are used up and nothing was searched. "
+    "Give your final answer now inside <answer> and </answer>."
+)
+TRUNCATION_MARKER = " ... [truncated]"
 
 
 def information_block(text: str) -> str:
