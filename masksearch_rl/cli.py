@@ -11,8 +11,13 @@ import logging
 
 import typer
 
+from pathlib import Path
+
 from masksearch_rl.corpus import cli as corpus_cli
+from masksearch_rl.ramp import cli as ramp_cli
 from masksearch_rl.retrieval import cli as retrieval_cli
+from masksearch_rl.retrieval import serve_cli
+from masksearch_rl.synthetic import cli as synthetic_cli
 
 app = typer.Typer(
     name="masksearch-rl",
@@ -28,10 +33,25 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO; that drowns progress output (and web-search URLs can carry keys).
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-for _module in (corpus_cli, retrieval_cli):
+for _module in (corpus_cli, synthetic_cli, retrieval_cli, serve_cli, ramp_cli):
     _module.register(app)
+
+
+@app.command()
+def quickstart(
+    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where every stage writes its outputs."),
+    passages: int = typer.Option(2000, help="Passages in the synthetic world."),
+    questions: int = typer.Option(200, help="Multi-hop questions generated over it."),
+    seed: int = typer.Option(0),
+) -> None:
+    """The main job on the embedded synthetic corpus: world -> index -> server -> searches -> RAMP -> curriculum."""
+    from masksearch_rl.quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(QuickstartConfig(out_dir=out_dir, passages=passages, questions=questions, seed=seed))
 
 
 if __name__ == "__main__":

