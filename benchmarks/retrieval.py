@@ -1,8 +1,9 @@
 """Retrieval server throughput and latency, side by side with a Search-R1-style baseline, in one run.
 
 For each corpus size: build (or reuse) a synthetic world and its BM25 index — reporting build time and peak memory —
-then serve the index twice, one server at a time on the same machine: ``masksearch-rl serve`` (micro-batching) and
-``benchmarks/searchr1_baseline.py`` (per-query loop in a sync endpoint). A closed-loop load generator with C
+then serve the index one server at a time on the same machine: ``masksearch-rl serve`` (micro-batching over our
+BM25 kernel), ``benchmarks/searchr1_baseline.py`` (Search-R1's per-query loop in a sync endpoint over plain bm25s),
+and, as an ablation, that same per-query loop over our retriever. A closed-loop load generator with C
 concurrent clients (each sends one single-query request, waits for the answer, sends the next — as agents in an RL
 rollout do) measures throughput and p50/p99 latency at each C, and the script prints our/baseline ratios.
 
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="skip the per-query-loop server over our retriever")
     parser.add_argument("--quick", action="store_true", help="20k passages, fewer requests (smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -198,13 +201,19 @@ def main() -> None:
             ours = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit)
         with Server("baseline", base_cmd) as server:
             base = measure(server, queries, args.concurrency, args.baseline_requests, args.topk, args.time_limit)
-        print(f"  {'C':>3s} {'ours req/s':>11s} {'base req/s':>11s} {'ratio':>7s} {'ours p99':>9s} {'base p99':>9s}")
-        for o, b in zip(ours, base):
+        ablation = None
+        if args.ablation:  # the baseline's per-query loop over OUR retriever: kernel gain vs batching gain
+            with Server("loop+ours", base_cmd + ["--engine", "ours"]) as server:
+                ablation = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit)
+        print(f"  {'C':>3s} {'ours req/s':>11s} {'base req/s':>11s} {'ratio':>7s} {'ours p99':>9s} {'base p99':>9s}"
+              + ("  loop+ours req/s" if ablation else ""))
+        for i, (o, b) in enumerate(zip(ours, base)):
             ratio = o["qps"] / b["qps"] if b["qps"] else float("inf")
+            extra = f"  {ablation[i]['qps']:15.1f}" if ablation else ""
             print(f"  {o['clients']:3d} {o['qps']:11.1f} {b['qps']:11.1f} {ratio:6.1f}x {o['p99_ms']:8.1f}ms "
-                  f"{b['p99_ms']:8.1f}ms")
+                  f"{b['p99_ms']:8.1f}ms{extra}")
             o["ratio_vs_baseline"] = round(ratio, 1)
-        results.append({"build": built, "ours": ours, "baseline": base})
+        results.append({"build": built, "ours": ours, "baseline": base, "loop_with_our_retriever": ablation})
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

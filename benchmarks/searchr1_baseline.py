@@ -2,18 +2,29 @@
 
 It reproduces the serving architecture of Search-R1's ``retrieval_server.py`` (read, not copied): a synchronous
 FastAPI endpoint (run in Starlette's thread pool) that answers a request by looping over its queries and searching
-them one at a time. The index, the docstore and the response shape are ours, so a side-by-side run isolates the
-serving design (per-query loop vs. micro-batching across concurrent requests).
+them one at a time. Search-R1's BM25 is pyserini (Lucene, per query); with no JVM here the stand-in is the plain
+per-query path of bm25s (numpy backend) over the very same index files, docstore and response shape.
 
-    python benchmarks/searchr1_baseline.py --index runs/bench/index-100000 --port 8001
+``--engine ours`` swaps in our retriever while keeping the per-query loop: the ablation that separates what the
+faster kernel gives from what micro-batching gives.
+
+    python benchmarks/searchr1_baseline.py --index runs/bench/index-100000 --port 8001 [--engine ours]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import bm25s
+import Stemmer
 
 from fastapi import FastAPI
 from pydantic import BaseModel
+
+from masksearch_rl.retrieval.docstore import DocStore
+from masksearch_rl.retrieval.types import Hit
 
 
 class QueryRequest(BaseModel):
@@ -44,18 +55,51 @@ def create_baseline_app(retriever, default_topk: int = 3) -> FastAPI:
     return app
 
 
+class NaiveBm25:
+    """One query at a time through bm25s' public API (numpy backend): what a straightforward server does."""
+
+    def __init__(self, index_dir: str):
+        options = json.loads((Path(index_dir) / "manifest.json").read_text())["options"]["bm25"]
+        self.stopwords = options["stopwords"] or None
+        self.stemmer = Stemmer.Stemmer(options["stemmer"]) if options["stemmer"] else None
+        self.bm25 = bm25s.BM25.load(Path(index_dir) / "bm25", mmap=True, backend="numpy")
+        self.docstore = DocStore(index_dir)
+
+    def __len__(self) -> int:
+        return len(self.docstore)
+
+    def search(self, queries: list[str], topk: int):
+        results = []
+        for query in queries:
+            words = bm25s.tokenize(
+                [query], stopwords=self.stopwords, stemmer=self.stemmer, return_ids=False, show_progress=False
+            )[0]
+            tokens = [w for w in words if w in self.bm25.vocab_dict]
+            if not tokens:
+                results.append([])
+                continue
+            k = min(topk, len(self))
+            rows, scores = self.bm25.retrieve([tokens], k=k, show_progress=False, n_threads=1)
+            docs = self.docstore.get_many(rows[0])
+            results.append([Hit(d["id"], d["contents"], float(s)) for d, s in zip(docs, scores[0]) if s > 0])
+        return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--engine", choices=["naive", "ours"], default="naive")
     args = parser.parse_args()
 
     import uvicorn
 
     from masksearch_rl.retrieval.index import load_index
 
-    uvicorn.run(create_baseline_app(load_index(args.index)), host=args.host, port=args.port, log_level="warning")
+    retriever = NaiveBm25(args.index) if args.engine == "naive" else load_index(args.index)
+    retriever.search(["warm up"], 1)
+    uvicorn.run(create_baseline_app(retriever), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
