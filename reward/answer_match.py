@@ -45,13 +45,20 @@ _ARTICLE_WORDS = frozenset(("a", "an", "the"))
 
 def normalize_answer(text: str) -> str:
     """SQuAD v1.1 normalisation: lower, strip punctuation, strip articles, collapse whitespace."""
+    return " ".join(_normalized_tokens(text))
+
+
+def _normalized_tokens(text: str) -> list[str]:
+    """The tokens of ``normalize_answer(text)``: scoring needs both, and the joined string splits back to these."""
     text = _PUNCT.sub("", text.lower())
     tokens = text.split()
     if "".join(tokens).isalnum():
         # Every token is made of word characters (regex \w minus "_", which is punctuation), so the official
         # \b(a|an|the)\b removal is exactly "drop the tokens a/an/the" -- and much cheaper than the regex.
-        return " ".join([token for token in tokens if token not in _ARTICLE_WORDS])
-    return " ".join(_ARTICLES.sub(" ", text).split())
+        if _ARTICLE_WORDS.isdisjoint(tokens):
+            return tokens
+        return [token for token in tokens if token not in _ARTICLE_WORDS]
+    return _ARTICLES.sub(" ", text).split()
 
 
 class MatchScores(NamedTuple):
@@ -69,61 +76,89 @@ class MatchScores(NamedTuple):
 
 
 ZERO = MatchScores()
+EXACT = MatchScores(1.0, 1.0, 1.0, 1.0)
+# Two answers that both normalise to "": an exact match (and so covered) with F1 0, as in the official script.
+EXACT_EMPTY = MatchScores(em=1.0, cover_em=1.0)
+COVER_ONLY = MatchScores(cover_em=1.0)  # a plain-substring cover without a common token ("10" inside "1000")
+
+
+class _Gold(NamedTuple):
+    norm: str  # normalize_answer(gold)
+    num_tokens: int
+    counts: tuple[tuple[str, int], ...]  # each distinct normalised token and how often it occurs
 
 
 @lru_cache(maxsize=1 << 16)
-def _normalized_gold(gold: str) -> tuple[str, tuple[str, ...]]:
-    # Gold answers repeat across the n rollouts of a prompt: normalise each once.
-    norm = normalize_answer(gold)
-    return norm, tuple(norm.split())
-
-
-def _overlap(pred_tokens: list[str], gold_tokens: tuple[str, ...]) -> int:
-    """Size of the multiset intersection (what SQuAD computes with Counter &, faster for short answers)."""
-    remaining: dict[str, int] = {}
-    for token in gold_tokens:
-        remaining[token] = remaining.get(token, 0) + 1
-    same = 0
-    for token in pred_tokens:
-        left = remaining.get(token)
-        if left:
-            remaining[token] = left - 1
-            same += 1
-    return same
+def _normalized_gold(gold: str) -> _Gold:
+    # Gold answers repeat across the n rollouts of a prompt: normalise and count each once.
+    tokens = _normalized_tokens(gold)
+    counts: dict[str, int] = {}
+    for token in tokens:
+        counts[token] = counts.get(token, 0) + 1
+    return _Gold(" ".join(tokens), len(tokens), tuple(counts.items()))
 
 
 def _match(pred_norm: str, pred_tokens: list[str], gold: str, word_boundary: bool) -> MatchScores:
-    gold_norm, gold_tokens = _normalized_gold(gold)
-    em = 1.0 if pred_norm == gold_norm else 0.0
-    if not gold_norm:
-        cover = em  # an empty gold must not be "covered" by every prediction
+    """The four metrics against one gold answer; ``pred_tokens`` is ``pred_norm.split()``."""
+    gold_norm, gold_length, gold_counts = _normalized_gold(gold)
+    if pred_norm == gold_norm:
+        # Same tokens: overlap = both lengths, so precision = recall = F1 = 1 and the gold is covered.
+        return EXACT if gold_norm else EXACT_EMPTY
+    # Size of the multiset intersection, what SQuAD computes with Counter &: sum over gold tokens of the min count.
+    same = 0
+    for token, count in gold_counts:
+        found = pred_tokens.count(token)
+        same += found if found < count else count
+    if not same:
+        # Nothing in common (F1 = recall = 0). Covered on token boundaries is impossible then, as the gold's tokens
+        # would be common; an empty gold is covered only by an exact match; the plain substring test can pass.
+        if word_boundary or not gold_norm or gold_norm not in pred_norm:
+            return ZERO
+        return COVER_ONLY
+    if gold_norm not in pred_norm:  # necessary for either cover test, and cheap
+        cover = 0.0
     elif word_boundary:
         cover = 1.0 if f" {gold_norm} " in f" {pred_norm} " else 0.0
     else:
-        cover = 1.0 if gold_norm in pred_norm else 0.0
-    f1 = recall = 0.0
-    if pred_tokens and gold_tokens:
-        same = _overlap(pred_tokens, gold_tokens)
-        if same:
-            precision = same / len(pred_tokens)
-            recall = same / len(gold_tokens)
-            f1 = 2 * precision * recall / (precision + recall)
-    return MatchScores(em, f1, recall, cover)
+        cover = 1.0
+    precision = same / len(pred_tokens)
+    recall = same / gold_length
+    f1 = 2 * precision * recall / (precision + recall)
+    return MatchScores(0.0, f1, recall, cover)
+
+
+def _best_match(pred_norm: str, pred_tokens: list[str], aliases: Sequence[str], word_boundary: bool) -> MatchScores:
+    """Each metric's maximum over the gold aliases (an already normalised prediction)."""
+    if len(aliases) == 1:
+        return _match(pred_norm, pred_tokens, str(aliases[0]), word_boundary)
+    scores = [_match(pred_norm, pred_tokens, str(alias), word_boundary) for alias in aliases]
+    if EXACT in scores:
+        return EXACT  # every metric is at most 1: the maximum of each column is 1
+    return MatchScores(*(max(column) for column in zip(*scores, strict=True)))
+
+
+def _aliases(gold: str | Iterable[str]) -> Sequence[str]:
+    """One gold answer or its aliases, as a non-empty sequence (items other than strings are read with ``str``)."""
+    if isinstance(gold, str):
+        return (gold,)
+    aliases = gold if isinstance(gold, (list, tuple)) else list(gold)
+    if not aliases:
+        raise ValueError("gold answer has no aliases")
+    return aliases
 
 
 def score_answer(prediction: str, gold: str | Iterable[str], *, word_boundary: bool = True) -> MatchScores:
     """All four metrics of ``prediction`` against one gold answer or a list of aliases (max per metric)."""
-    pred_norm = normalize_answer(prediction)
-    pred_tokens = pred_norm.split()
-    if isinstance(gold, str):
-        return _match(pred_norm, pred_tokens, gold, word_boundary)
-    aliases = gold if isinstance(gold, (list, tuple)) else list(gold)
-    if not aliases:
-        raise ValueError("gold answer has no aliases")
-    if len(aliases) == 1:
-        return _match(pred_norm, pred_tokens, str(aliases[0]), word_boundary)
-    scores = [_match(pred_norm, pred_tokens, str(alias), word_boundary) for alias in aliases]
-    return MatchScores(*(max(column) for column in zip(*scores, strict=True)))
+    aliases = _aliases(gold)
+    text = prediction.strip()
+    for alias in aliases:
+        if type(alias) is str and alias == text:
+            # Shortcut, no normalisation: the same string normalises the same, so this alias is an exact match and
+            # every metric takes its maximum (1; or, for an alias that normalises to "", the prediction has no
+            # tokens either and no alias can beat (1, 0, 0, 1)).
+            return EXACT if _normalized_gold(alias).norm else EXACT_EMPTY
+    pred_tokens = _normalized_tokens(prediction)
+    return _best_match(" ".join(pred_tokens), pred_tokens, aliases, word_boundary)
 
 
 def exact_match(prediction: str, gold: str | Iterable[str]) -> float:
@@ -168,7 +203,8 @@ class SpanScores(NamedTuple):
 
 
 def _mean(scores: Sequence[MatchScores], n: int) -> MatchScores:
-    return MatchScores(*(sum(column) / n for column in zip(*scores, strict=True)))
+    em, f1, recall, cover_em = zip(*scores, strict=True)
+    return MatchScores(sum(em) / n, sum(f1) / n, sum(recall) / n, sum(cover_em) / n)
 
 
 def score_spans(
@@ -184,17 +220,18 @@ def score_spans(
     if n == 0:
         raise ValueError("a RAMP item needs at least one gold span")
     if allow_paragraph and is_paragraph_answer(answer, n, paragraph_min_words):
+        pred_tokens = _normalized_tokens(answer)  # normalise the passage once, not once per span
+        pred_norm = " ".join(pred_tokens)
         per_span = []
         for gold in gold_spans:
-            s = score_answer(answer, gold, word_boundary=word_boundary)
+            s = _best_match(pred_norm, pred_tokens, _aliases(gold), word_boundary)
             # Against a whole passage precision means nothing: EM is read as cover-EM and F1 as recall.
             per_span.append(MatchScores(em=s.cover_em, f1=s.recall, recall=s.recall, cover_em=s.cover_em))
-        return SpanScores(mean=_mean(per_span, n), per_span=tuple(per_span), mode="paragraph")
-    parts = split_spans(answer)
-    padded: list[str | None] = [*parts, *([None] * (n - len(parts)))]
-    per_span = [
-        ZERO if part is None else score_answer(part, gold, word_boundary=word_boundary)
-        for gold, part in zip(gold_spans, padded, strict=False)
-    ]
+        return SpanScores(_mean(per_span, n), tuple(per_span), "paragraph")
+    # split_spans without its strip (normalisation ignores surrounding whitespace); parts are matched to masks by
+    # position: parts beyond the last mask are ignored, masks without a part score 0.
+    parts = answer.split(SPAN_DELIMITER)
+    per_span = [score_answer(part, gold, word_boundary=word_boundary) for part, gold in zip(parts, gold_spans)]
+    per_span += [ZERO] * (n - len(per_span))
     mode = "aligned" if len(parts) == n else "mismatch"
-    return SpanScores(mean=_mean(per_span, n), per_span=tuple(per_span), mode=mode)
+    return SpanScores(_mean(per_span, n), tuple(per_span), mode)

@@ -32,7 +32,7 @@ from envs.prompts import (
     THINK_CLOSE,
     THINK_OPEN,
 )
-from reward.answer_match import DEFAULT_PARAGRAPH_MIN_WORDS, is_paragraph_answer, split_spans
+from reward.answer_match import DEFAULT_PARAGRAPH_MIN_WORDS, SPAN_DELIMITER, is_paragraph_answer
 
 # End-of-sequence / padding markers of common chat models, tolerated after the answer.
 DEFAULT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>")
@@ -91,19 +91,83 @@ _CLOSERS = {THINK_CLOSE: "think", SEARCH_CLOSE: "search", INFO_CLOSE: "informati
 _CLOSER_OF = {name: tag for tag, name in _CLOSERS.items()}
 _TAG_RE = re.compile("|".join(re.escape(tag) for tag in [*_OPENERS, *_CLOSERS]))
 
+# The fast path (see _walk_well_formed) reads one well-formed block per regex match. After optional whitespace,
+# _BLOCK_RE matches a think block, a search block with a non-blank query followed by the opening of its
+# <information> block, or the answer block (its body in the group "answer"). A body runs up to its closer without
+# any protocol tag inside: runs of "[^<]" joined by "<"s that do not start a tag. (_body_then spells out the usual
+# case, no "<" at all, as its own branch: it is the cheapest for the regex engine.)
+_NOT_A_TAG = "<(?!" + "|".join(re.escape(tag[1:]) for tag in [*_OPENERS, *_CLOSERS]) + ")"
+
+
+def _body_then(closer: str) -> str:
+    closer = re.escape(closer)
+    return f"[^<]*(?:{closer}|(?:{_NOT_A_TAG}[^<]*)+{closer})"
+
+
+_BLOCK_RE = re.compile(
+    rf"\s*(?:{re.escape(THINK_OPEN)}{_body_then(THINK_CLOSE)}"
+    rf"|(?P<search>{re.escape(SEARCH_OPEN)})(?!\s*{re.escape(SEARCH_CLOSE)}){_body_then(SEARCH_CLOSE)}"
+    rf"\s*{re.escape(INFO_OPEN)}"
+    rf"|{re.escape(ANSWER_OPEN)}(?P<answer>[^<]*(?:{_NOT_A_TAG}[^<]*)*){re.escape(ANSWER_CLOSE)})"
+)
+
 DEFAULT_RULES = FormatRules()
+
+
+class _Walk(NamedTuple):
+    """Where reading the blocks up to the answer ended: a failure, or the answer and the position after it."""
+
+    failure: FormatReason | None
+    answer: str | None
+    num_searches: int
+    num_thinks: int
+    end: int
 
 
 def check_format(response: str, *, num_masks: int | None = None, rules: FormatRules = DEFAULT_RULES) -> FormatResult:
     """Check ``response`` against the tag protocol; ``num_masks`` (RAMP) also checks the number of answer spans."""
+    walk = _walk_well_formed(response)
+    if walk is None:
+        walk = _walk_tags(response, rules)
+    failure, answer, num_searches, num_thinks, pos = walk
+    if failure is not None:
+        return FormatResult(False, failure, answer, num_searches, num_thinks)
+
+    def fail(reason: FormatReason) -> FormatResult:
+        return FormatResult(False, reason, answer, num_searches, num_thinks)
+
+    if answer is None:
+        return fail(FormatReason.NO_ANSWER)
+    tail = response[pos:]
+    if tail and not tail.isspace():
+        for token in rules.eos_tokens:
+            tail = tail.replace(token, "")
+        if tail.strip():
+            return fail(FormatReason.TEXT_AFTER_ANSWER)
+    if not answer:
+        return fail(FormatReason.EMPTY_ANSWER)
+    if rules.require_think and num_thinks == 0:
+        return fail(FormatReason.MISSING_THINK)
+
+    paragraph = False
+    # answer.count(delimiter) + 1 == len(split_spans(answer)), without building the list
+    if num_masks is not None and answer.count(SPAN_DELIMITER) + 1 != num_masks:
+        paragraph = rules.allow_paragraph and is_paragraph_answer(answer, num_masks, rules.paragraph_min_words)
+        if not paragraph:
+            return fail(FormatReason.SPAN_COUNT_MISMATCH)
+    return FormatResult(True, FormatReason.OK, answer, num_searches, num_thinks, paragraph)
+
+
+def _walk_tags(response: str, rules: FormatRules) -> _Walk:
+    """The definition: read the response tag by tag, up to the end of the text (or the first failure)."""
     search = _TAG_RE.search
     pos = 0
     num_searches = num_thinks = 0
     awaiting_info = False
     answer: str | None = None
 
-    def fail(reason: FormatReason) -> FormatResult:
-        return FormatResult(False, reason, answer, num_searches, num_thinks)
+    def fail(reason: FormatReason) -> _Walk:
+        return _Walk(reason, answer, num_searches, num_thinks, pos)
 
     while (match := search(response, pos)) is not None:
         tag = match.group()
@@ -147,26 +211,42 @@ def check_format(response: str, *, num_masks: int | None = None, rules: FormatRu
             num_thinks += 1
         else:
             answer = body.strip()
+    return _Walk(None, answer, num_searches, num_thinks, pos)
 
-    if answer is None:
-        return fail(FormatReason.NO_ANSWER)
-    tail = response[pos:]
-    if tail and not tail.isspace():
-        for token in rules.eos_tokens:
-            tail = tail.replace(token, "")
-        if tail.strip():
-            return fail(FormatReason.TEXT_AFTER_ANSWER)
-    if not answer:
-        return fail(FormatReason.EMPTY_ANSWER)
-    if rules.require_think and num_thinks == 0:
-        return fail(FormatReason.MISSING_THINK)
 
-    paragraph = False
-    if num_masks is not None and len(split_spans(answer)) != num_masks:
-        paragraph = rules.allow_paragraph and is_paragraph_answer(answer, num_masks, rules.paragraph_min_words)
-        if not paragraph:
-            return fail(FormatReason.SPAN_COUNT_MISMATCH)
-    return FormatResult(True, FormatReason.OK, answer, num_searches, num_thinks, paragraph)
+def _walk_well_formed(response: str) -> _Walk | None:
+    """The fast path of :func:`_walk_tags` for responses whose blocks are all well formed (almost all of them).
+
+    Reads whole blocks (``_BLOCK_RE``) separated by whitespace up to the answer, then looks for a tag after it.
+    Returns None -- the caller then runs ``_walk_tags`` -- as soon as anything else shows up. On the blocks it
+    accepts, ``_walk_tags`` finds every opener followed by its closer with only whitespace in between, so
+    ``allow_untagged_text`` makes no difference and the result is the same (tests/test_reward.py checks it).
+    """
+    match_block = _BLOCK_RE.match
+    pos = num_searches = num_thinks = 0
+    while (block := match_block(response, pos)) is not None:
+        pos = block.end()
+        kind = block.lastgroup
+        if kind is None:
+            num_thinks += 1
+        elif kind == "search":
+            num_searches += 1
+            # The retriever's text is opaque: skip to the first INFO_CLOSE. It seldom holds a "<", so the first "<"
+            # (a memchr, much faster than a substring search) is usually where INFO_CLOSE starts.
+            end = response.find("<", pos)
+            if end >= 0 and not response.startswith(INFO_CLOSE, end):
+                end = response.find(INFO_CLOSE, end)
+            if end < 0:
+                return None
+            pos = end + len(INFO_CLOSE)
+        else:
+            answer = block.group("answer").strip()
+            after = _TAG_RE.search(response, pos)
+            if after is None:
+                return _Walk(None, answer, num_searches, num_thinks, pos)
+            reason = FormatReason.MULTIPLE_ANSWERS if after.group() == ANSWER_OPEN else FormatReason.TEXT_AFTER_ANSWER
+            return _Walk(reason, answer, num_searches, num_thinks, pos)
+    return None
 
 
 def extract_answer(response: str) -> str | None:

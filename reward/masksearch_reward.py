@@ -46,25 +46,26 @@ class Target(NamedTuple):
 
 def parse_ground_truth(data_source: str, ground_truth: Any) -> Target:
     """Accept every ground-truth shape we write or meet (dicts, strings, lists, numpy arrays from parquet)."""
-    source = str(data_source).lower()
-    if isinstance(ground_truth, Mapping):
+    source = data_source if type(data_source) is str else str(data_source)
+    if type(ground_truth) is dict or isinstance(ground_truth, Mapping):  # (the exact-type test is much cheaper)
         masks = ground_truth.get("masks")
-        is_ramp = masks is not None or source.startswith("ramp")
+        is_ramp = masks is not None or source.lower().startswith("ramp")
         value = masks if (masks is not None and len(masks) > 0) else ground_truth.get("target")
     else:
-        is_ramp = source.startswith("ramp")
+        is_ramp = source.lower().startswith("ramp")
         value = ground_truth
     if value is None:
         raise ValueError(f"ground truth for data_source={data_source!r} has no 'target': {ground_truth!r}")
-    if is_ramp and type(value) is list and all(type(span) is str for span in value):
-        blanks = tuple((span,) for span in value)  # the common case, kept cheap
-    elif is_ramp:
-        blanks = tuple(_strings(span) for span in _items(value))
-    else:  # the aliases of one answer, however nested
-        blanks = (_strings(value),)
-    if not blanks or any(not aliases for aliases in blanks):
-        raise ValueError(f"ground truth for data_source={data_source!r} has an empty answer: {ground_truth!r}")
-    return Target(blanks=blanks, is_ramp=is_ramp)
+    if is_ramp and type(value) is list and value and all(type(span) is str for span in value):
+        blanks = tuple([(span,) for span in value])  # the common case, kept cheap: no blank is empty
+    else:
+        if is_ramp:
+            blanks = tuple([_strings(span) for span in _items(value)])
+        else:  # the aliases of one answer, however nested
+            blanks = (_strings(value),)
+        if not blanks or not all(blanks):
+            raise ValueError(f"ground truth for data_source={data_source!r} has an empty answer: {ground_truth!r}")
+    return Target(blanks, is_ramp)
 
 
 def _items(value: Any) -> list[Any]:
@@ -81,6 +82,8 @@ def _strings(value: Any) -> tuple[str, ...]:
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
+        if all(type(item) is str for item in value):
+            return tuple(value)  # a flat list of aliases, the usual case
         return tuple(s for item in value for s in _strings(item))
     return (str(value),)
 
@@ -90,7 +93,7 @@ _CONFIGS: dict[str, RewardConfig] = {}
 
 def reward_config(kwargs: Mapping[str, Any]) -> RewardConfig:
     """RewardConfig for these reward kwargs, built once per distinct kwargs (environment read at that time)."""
-    key = repr(sorted(kwargs.items()))
+    key = repr(sorted(kwargs.items())) if kwargs else ""  # no kwargs: the usual case, and "" is no list's repr
     config = _CONFIGS.get(key)
     if config is None:
         config = _CONFIGS[key] = RewardConfig.from_kwargs(kwargs)
@@ -109,10 +112,7 @@ class _RuleScores(NamedTuple):
     answer: str | None
     match: MatchScores
     paragraph: bool
-
-    @property
-    def metric(self) -> str:
-        return self.config.metric_for(self.target.is_ramp)
+    metric: str  # config.metric_for(target.is_ramp)
 
     def judge_item(self, question: str | None) -> JudgeItem | None:
         """What to send to the judge, or None when no call is needed (no answer, gated out, exact match)."""
@@ -146,33 +146,33 @@ def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs:
         match, paragraph = scored.mean, scored.mode == "paragraph"
     else:
         match = score_answer(answer, target.blanks[0])
-    return _RuleScores(config, target, fmt, answer, match, paragraph)
+    return _RuleScores(config, target, fmt, answer, match, paragraph, config.metric_for(target.is_ramp))
 
 
 def _result(rules: _RuleScores, judge_score: float | None, judge_fallback: bool) -> dict[str, float]:
-    config, metric = rules.config, rules.metric
+    config, metric, match, fmt = rules.config, rules.metric, rules.match, rules.fmt
     if metric != "judge":
-        answer_score, judge_value = rules.match.get(metric), 0.0
+        answer_score, judge_value = getattr(match, metric), 0.0  # RewardConfig only accepts known metrics
     elif judge_score is not None:
         answer_score = judge_value = judge_score
     elif judge_fallback:
-        answer_score, judge_value = rules.match.get(config.fallback_metric_for(rules.target.is_ramp)), 0.0
+        answer_score, judge_value = match.get(config.fallback_metric_for(rules.target.is_ramp)), 0.0
     else:  # no call was needed
-        skipped_exact = bool(rules.answer) and rules.match.em == 1.0 and config.judge_skip_exact
+        skipped_exact = bool(rules.answer) and match.em == 1.0 and config.judge_skip_exact
         answer_score = judge_value = 1.0 if skipped_exact else 0.0
-    score, counted = combine(rules.fmt.ok, answer_score, config)
+    score, counted = combine(fmt.ok, answer_score, config)
     return {
         "score": float(score),
         "acc": float(counted),
-        "format": 1.0 if rules.fmt.ok else 0.0,
-        "format_code": int(rules.fmt.reason),
-        "em": rules.match.em,
-        "f1": rules.match.f1,
-        "recall": rules.match.recall,
-        "cover_em": rules.match.cover_em,
+        "format": 1.0 if fmt.ok else 0.0,
+        "format_code": int(fmt.reason),
+        "em": match.em,
+        "f1": match.f1,
+        "recall": match.recall,
+        "cover_em": match.cover_em,
         "judge": float(judge_value),
         "judge_fallback": 1.0 if judge_fallback else 0.0,
-        "num_searches": rules.fmt.num_searches,
+        "num_searches": fmt.num_searches,
     }
 
 
