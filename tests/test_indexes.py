@@ -209,6 +209,132 @@ def test_docstore_and_manifest_follow_corpus_order(bm25_dir, corpus):
     assert [json.loads(line)["id"] for line in lines] == [f"p{i}" for i in range(len(FACTS))]
 
 
+# ------------------------------------------------------------------------------------------ BM25 kernel vs bm25s
+# Search goes through our sparse kernel (bm25.py: _sparse_topk_batch); bm25s' own numpy scoring is the reference.
+_LETTERS = np.random.default_rng(1).choice(list("bdgkmprst"), (400, 4))
+WORDS = sorted({"".join(chars) + "vo" for chars in _LETTERS})  # ~400 made-up words, Zipf-ranked in this order
+UBIQUITOUS = "omnipresent"  # in every passage: one query term touching all N passages
+
+
+@pytest.fixture(scope="module")
+def random_bm25(tmp_path_factory):
+    """A few thousand random passages over a Zipf-distributed vocabulary, indexed; with a bm25s numpy reference."""
+    import bm25s
+
+    rng = np.random.default_rng(0)
+    weights = 1 / np.arange(1, len(WORDS) + 1) ** 1.1
+    weights /= weights.sum()
+    root = tmp_path_factory.mktemp("random-bm25")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as handle:
+        for row in range(3000):
+            words = list(rng.choice(WORDS, size=int(rng.integers(3, 40)), p=weights)) + [UBIQUITOUS]
+            rng.shuffle(words)
+            handle.write(json.dumps({"id": f"r{row}", "contents": " ".join(words)}) + "\n")
+    out = build_index(root / "corpus.jsonl", root / "index", kind="bm25", show_progress=False)
+    retriever = load_index(out)
+    reference = bm25s.BM25.load(out / "bm25", mmap=True, backend="numpy")
+    return retriever, reference, weights
+
+
+def expected_top(reference, token_ids: list[int], topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """bm25s' scores of every passage, ranked by score then row, hits (score > 0) only."""
+    if not token_ids:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    all_scores = reference.get_scores_from_ids(token_ids)
+    order = np.lexsort((np.arange(len(all_scores)), -all_scores))[:topk]
+    order = order[all_scores[order] > 0]
+    return order, all_scores[order]
+
+
+def check_against_bm25s(retriever, reference, queries: list[str], topk: int) -> None:
+    got = retriever.search_rows(queries, topk)
+    token_ids = retriever._query_ids(queries)
+    for query, ids_, (rows, found) in zip(queries, token_ids, got):
+        want_rows, want_scores = expected_top(reference, ids_, topk)
+        assert rows.tolist() == want_rows.tolist(), query
+        assert np.allclose(found, want_scores, rtol=1e-6, atol=0), query
+        if ids_:  # bm25s' own top-k agrees up to the order of equal scores
+            bm_rows, bm_scores = reference.retrieve([ids_], k=min(topk, len(retriever)), show_progress=False)
+            bm_rows, bm_scores = bm_rows[0], bm_scores[0]
+            keep = bm_scores > 0
+            assert np.allclose(np.sort(bm_scores[keep])[::-1], found, rtol=1e-6, atol=0), query
+            if len(found):
+                sure = found > found[-1]  # above the last score: no ties at the cut, so the same passages
+                assert set(rows[sure].tolist()) == set(bm_rows[bm_scores > found[-1]].tolist()), query
+
+
+def random_queries(weights, rng, count: int) -> list[str]:
+    queries = []
+    for _ in range(count):
+        n = int(rng.integers(1, 8))
+        picks = list(rng.choice(WORDS, size=n, p=weights if rng.random() < 0.5 else None))
+        if rng.random() < 0.3:
+            picks += picks[: int(rng.integers(1, n + 1))]  # repeated tokens count again
+        if rng.random() < 0.2:
+            picks.append("qqzzyx")  # unknown word: ignored
+        if rng.random() < 0.15:
+            picks.append(UBIQUITOUS)
+        queries.append(" ".join(picks))
+    return queries
+
+
+@pytest.mark.parametrize("topk", [1, 5, 100])
+def test_bm25_kernel_matches_bm25s_on_random_queries(random_bm25, topk):
+    retriever, reference, weights = random_bm25
+    assert retriever.sparse_kernel
+    queries = random_queries(weights, np.random.default_rng(topk), 150)
+    for start in range(0, len(queries), 64):
+        check_against_bm25s(retriever, reference, queries[start:start + 64], topk)
+
+
+def test_bm25_kernel_edge_queries(random_bm25):
+    retriever, reference, _ = random_bm25
+    rare = WORDS[-1]
+    edge = [UBIQUITOUS, f"{UBIQUITOUS} {UBIQUITOUS}", "qqzzyx", "the of", f"{rare} {rare} {rare}", "",
+            f"{rare} {UBIQUITOUS}", " ".join(WORDS[:3])]
+    for topk in (1, 10, 3000, 5000):  # 3000 = N: every passage scores on the ubiquitous term
+        check_against_bm25s(retriever, reference, edge, topk)
+    ubiquitous, doubled, unknown, stop, repeated, empty, mixed, _ = retriever.search_rows(edge, 5000)
+    assert len(ubiquitous[0]) == len(doubled[0]) == len(retriever) == 3000
+    assert doubled[0].tolist() == ubiquitous[0].tolist() and doubled[1].tolist() == (2 * ubiquitous[1]).tolist()
+    assert len(unknown[0]) == len(stop[0]) == len(empty[0]) == 0
+    assert 0 < len(repeated[0]) < 3000 and set(repeated[0].tolist()) < set(mixed[0].tolist())  # topk > matches
+
+
+def test_bm25_kernel_batch_single_serial_parallel_agree(random_bm25):
+    retriever, _, weights = random_bm25
+    queries = random_queries(weights, np.random.default_rng(99), 70) + ["", "qqzzyx"]
+    as_lists = lambda results: [(rows.tolist(), scores.tolist()) for rows, scores in results]  # noqa: E731
+    batched = as_lists(retriever.search_rows(queries, 10))
+    assert batched == as_lists(retriever.search_rows([q], 10)[0] for q in queries)
+    assert batched[-2:] == [([], []), ([], [])]
+    with retriever._lock:
+        token_ids = [ids_ for ids_ in retriever._query_ids(queries) if ids_]
+        serial = retriever._run_kernel(token_ids, 10, kernel="serial")
+        parallel = retriever._run_kernel(token_ids, 10, kernel="parallel")
+    counts = serial[2].tolist()
+    assert counts == parallel[2].tolist()
+    for got_serial, got_parallel in zip(serial[:2], parallel[:2]):
+        assert [a[:n].tolist() for a, n in zip(got_serial, counts)] == [
+            b[:n].tolist() for b, n in zip(got_parallel, counts)]
+
+
+def test_bm25_kernel_scratch_buffers_stay_clean(random_bm25):
+    """Every query leaves the per-thread buffers zeroed, so the next query starts from nothing."""
+    retriever, _, weights = random_bm25
+    retriever.search_rows(random_queries(weights, np.random.default_rng(5), 64) + [UBIQUITOUS], 7)
+    assert not retriever._acc.any() and not retriever._seen.any()
+
+
+def test_bm25_plus_keeps_bm25s_dense_scoring(corpus, tmp_path):
+    """bm25+ gives every passage a base score, so it is not confined to posting lists: bm25s scores it."""
+    out = build_index(corpus, tmp_path / "bm25plus", kind="bm25", method="bm25+", show_progress=False)
+    retriever = load_index(out)
+    assert not retriever.sparse_kernel
+    hits = retriever.search(["cheese aged in copper mines"], topk=3)[0]
+    assert hits[0].id == "p4" and len(hits) == 3
+
+
 # ------------------------------------------------------------------------------------------ robustness
 def test_bad_corpus_lines_are_skipped_and_counted(tmp_path):
     extra = [

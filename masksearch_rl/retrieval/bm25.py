@@ -1,8 +1,10 @@
 """BM25 over a passage collection, with bm25s (sparse precomputed scores, numba-compiled batched retrieval).
 
 Why bm25s: it precomputes every (term, passage) BM25 weight into a CSC matrix at build time, so a query is a sum of
-a few posting lists plus a top-k selection; its numba backend runs a whole batch of queries in one compiled,
-multi-threaded call. The retrieval server sends batches, so batched retrieval is the path we optimise.
+a few posting lists plus a top-k selection. We keep bm25s for tokenising, building and storing the index, but query it
+with our own compiled kernel (:func:`_sparse_topk_batch`): bm25s scores every query into a dense array of all N
+passages and scans all N for the top k, ~1.5-3 ms a query at N = 1M however short the query's posting lists are.
+Our kernel touches only the passages in the query's posting lists, so a query costs what its postings cost.
 
 Memory: tokenising a big corpus into Python lists of ints costs ~8 bytes a token plus a list per passage; we keep
 the token ids in one flat ``int32`` array instead (4 bytes a token) and hand bm25s a lazy view over it.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -153,6 +156,351 @@ def _enable_cache(dispatcher) -> None:
         logger.info("numba cache unavailable for %s: %s", getattr(dispatcher, "__name__", dispatcher), err)
 
 
+def _sparse_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, acc, seen, touched, out_rows,
+                       out_scores, out_counts):  # pragma: no cover - runs compiled (see _sparse_kernels)
+    """Exact top-``k`` passages of each query in a batch, doing work in proportion to the query's posting lists.
+
+    ``data/indices/indptr`` are bm25s' CSC score matrix (column = term, rows ascending within a column). Query ``q``
+    is the term ids ``query_ids[query_ptr[q]:query_ptr[q + 1]]``; a repeated term counts again, as in bm25s.
+    ``term_max[t]`` caches the largest weight of term ``t`` (NaN until first needed; +inf if it has a negative one).
+
+    The batch is cut into ``acc.shape[0]`` interleaved slices, one per thread; slice ``s`` reuses row ``s`` of the
+    scratch arrays, all zero between queries: ``acc`` (float32 partial scores), ``seen`` (0 = passage not reached,
+    else how many query terms it matched so far, capped at 3) and ``touched`` (the passages reached, in order).
+
+    Per query, term at a time, highest possible contribution first, into the scratch arrays (sparse):
+
+    - Once the k-th best partial score beats all the remaining terms can add (MaxScore), no passage not reached yet
+      can make the top k: the remaining, usually long and low-weight, posting lists are then only looked up for the
+      candidates, and candidates that can no longer reach the k-th score are dropped after each term.
+    - If the passages reached would pass an eighth of the collection first, bookkeeping costs more than it saves:
+      the query is scored into the whole ``acc`` row (dense, bm25s' way) and all of it is scanned.
+
+    Scores equal bm25s' bit for bit: dense scoring adds the weights in query order, as bm25s does; a sparse sum in
+    another order can differ only for passages matching 3 or more query terms, which are re-added in query order
+    if they come near the k-th score. Only scores > 0 are hits. Hits go best first into ``out_rows[q]`` /
+    ``out_scores[q]``, their number into ``out_counts[q]``; equal scores rank by lower row.
+    """
+
+    def worse(score_a, row_a, score_b, row_b):
+        return score_a < score_b or (score_a == score_b and row_a > row_b)
+
+    def sift_down(heap_scores, heap_rows, score, row, size):
+        """Put (score, row) at the root of a min-heap (worst first) of ``size`` entries and restore the order."""
+        pos = 0
+        while True:
+            child = 2 * pos + 1
+            if child >= size:
+                break
+            if child + 1 < size and worse(heap_scores[child + 1], heap_rows[child + 1], heap_scores[child],
+                                          heap_rows[child]):
+                child += 1
+            if not worse(heap_scores[child], heap_rows[child], score, row):
+                break
+            heap_scores[pos] = heap_scores[child]
+            heap_rows[pos] = heap_rows[child]
+            pos = child
+        heap_scores[pos] = score
+        heap_rows[pos] = row
+
+    def offer(heap_scores, heap_rows, size, score, row):
+        """Keep the ``k`` best (score, row) pairs offered so far; returns the heap's new size."""
+        if size < k:
+            pos = size
+            while pos > 0:
+                parent = (pos - 1) >> 1
+                if not worse(score, row, heap_scores[parent], heap_rows[parent]):
+                    break
+                heap_scores[pos] = heap_scores[parent]
+                heap_rows[pos] = heap_rows[parent]
+                pos = parent
+            heap_scores[pos] = score
+            heap_rows[pos] = row
+            return size + 1
+        if worse(heap_scores[0], heap_rows[0], score, row):
+            sift_down(heap_scores, heap_rows, score, row, size)
+        return size
+
+    def kth_best(heap_scores, heap_rows, reached, count, scores):
+        """The k-th best score among ``reached[:count]`` (call with count >= k)."""
+        size = 0
+        for i in range(count):
+            doc = reached[i]
+            score = scores[doc]
+            if size < k or worse(heap_scores[0], heap_rows[0], score, doc):  # most are rejected here, inline
+                size = offer(heap_scores, heap_rows, size, score, doc)
+        return heap_scores[0]
+
+    def find(term, row, lo):
+        """First position >= ``lo`` in the posting list of ``term`` whose row is >= ``row`` (galloping search)."""
+        end = indptr[term + 1]
+        hi = lo
+        step = 1
+        while hi < end and indices[hi] < row:
+            lo = hi + 1
+            hi += step
+            step *= 2
+        hi = min(hi, end)
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if indices[mid] < row:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def upper_bound(term):
+        bound = term_max[term]
+        if np.isnan(bound):
+            bound = np.float32(0.0)
+            for j in range(indptr[term], indptr[term + 1]):
+                if data[j] < 0:
+                    bound = np.float32(np.inf)  # the pruning bounds assume weights >= 0: never prune past this term
+                    break
+                bound = max(bound, data[j])
+            term_max[term] = bound
+        return bound
+
+    def exact_score(first, last, row):
+        """bm25s' float32 score of ``row``: the query's weights added in query order."""
+        total = np.float32(0.0)
+        for t in range(first, last):
+            term = query_ids[t]
+            pos = find(term, row, indptr[term])
+            if pos < indptr[term + 1] and indices[pos] == row:
+                total += data[pos]
+        return total
+
+    def keep_candidates(reached, count, scores, flags, headroom, theta, margin):
+        """Drop (and reset) passages whose partial score plus ``headroom`` stays below ``theta``; keeps order."""
+        kept = 0
+        for i in range(count):
+            doc = reached[i]
+            if (scores[doc] + headroom) * (1 + margin) >= theta * (1 - margin):
+                reached[kept] = doc
+                kept += 1
+            else:
+                scores[doc] = 0
+                flags[doc] = 0
+        return kept
+
+    def dense_top(scores, heap_scores, heap_rows):
+        """Top k of a whole score row, scanned 64 at a time (a block with nothing above the k-th is skipped);
+        zeroes the row. Rows ascend, so an equal score never displaces a kept one: ``>`` is the tie rule."""
+        size = 0
+        floor = np.float32(0.0)
+        n_docs = scores.shape[0]
+        for base in range(0, n_docs, 64):
+            stop = min(base + 64, n_docs)
+            hit = False
+            for i in range(base, stop):  # branch-free, vectorised
+                hit |= scores[i] > floor
+            if not hit:
+                continue
+            for i in range(base, stop):
+                if scores[i] > floor:
+                    size = offer(heap_scores, heap_rows, size, scores[i], i)
+                    if size == k:
+                        floor = heap_scores[0]
+        scores[:] = 0
+        return size
+
+    def sort_reached(reached, count, flags):
+        """Put ``reached[:count]`` in row order: sorted if few, else read back from the flags in one scan."""
+        if count <= flags.shape[0] // 256:
+            reached[:count].sort()
+            return
+        count = 0
+        for base in range(0, flags.shape[0], 64):
+            stop = min(base + 64, flags.shape[0])
+            hit = False
+            for i in range(base, stop):  # branch-free, vectorised
+                hit |= flags[i] != 0
+            if hit:
+                for i in range(base, stop):
+                    if flags[i] != 0:
+                        reached[count] = i
+                        count += 1
+
+    n_queries = query_ptr.shape[0] - 1
+    n_slices = acc.shape[0]
+    dense_from = acc.shape[1] // 8
+    for s in prange(n_slices):
+        scores, flags, reached = acc[s], seen[s], touched[s]
+        for q in range(s, n_queries, n_slices):
+            first, last = query_ptr[q], query_ptr[q + 1]
+            heap_scores, heap_rows = out_scores[q], out_rows[q]
+            # Float error allowance of the pruning tests (relative), so that rounding never drops a true hit.
+            margin = 1e-4 + 1e-6 * (last - first)
+
+            # Distinct terms, how often each occurs and its bound, highest bound first (stable sort).
+            terms = np.empty(last - first, dtype=np.int64)
+            repeats = np.empty(last - first, dtype=np.int64)
+            bounds = np.empty(last - first, dtype=np.float64)
+            n_terms = 0
+            for t in range(first, last):
+                found = -1
+                for u in range(n_terms):
+                    if terms[u] == query_ids[t]:
+                        found = u
+                        break
+                if found >= 0:
+                    repeats[found] += 1
+                else:
+                    terms[n_terms] = query_ids[t]
+                    repeats[n_terms] = 1
+                    n_terms += 1
+            in_query_order = n_terms == last - first  # no repeats, and (checked below) no reordering
+            for u in range(n_terms):
+                bounds[u] = repeats[u] * upper_bound(terms[u])
+            for u in range(1, n_terms):
+                term, repeat, bound = terms[u], repeats[u], bounds[u]
+                v = u
+                while v > 0 and bounds[v - 1] < bound:
+                    terms[v], repeats[v], bounds[v] = terms[v - 1], repeats[v - 1], bounds[v - 1]
+                    v -= 1
+                if v != u:
+                    in_query_order = False
+                terms[v], repeats[v], bounds[v] = term, repeat, bound
+            # rest[u]: the most terms u.. can add to any passage; left[u]: their postings.
+            rest = np.zeros(n_terms + 1, dtype=np.float64)
+            left = np.zeros(n_terms + 1, dtype=np.int64)
+            for u in range(n_terms - 1, -1, -1):
+                rest[u] = rest[u + 1] + bounds[u]
+                left[u] = left[u + 1] + indptr[terms[u] + 1] - indptr[terms[u]]
+
+            # Union: every passage in the posting lists becomes a candidate.
+            n_reached = 0
+            u = 0
+            theta = 0.0
+            pruning = dense = False
+            while u < n_terms:
+                term, repeat = terms[u], repeats[u]
+                start, end = indptr[term], indptr[term + 1]
+                too_many = n_reached + end - start > dense_from
+                if u > 0 and n_reached >= k and (too_many or left[u] > n_reached):  # a check costs less than it saves
+                    theta = kth_best(heap_scores, heap_rows, reached, n_reached, scores)
+                    if theta * (1 - margin) > rest[u] * (1 + margin):
+                        pruning = True
+                        break
+                if too_many:
+                    dense = True
+                    break
+                weight = np.float32(repeat)
+                for j in range(start, end):
+                    doc = indices[j]
+                    matched = flags[doc]
+                    reached[n_reached] = doc  # branch-free append, kept (counted) only the first time
+                    n_reached += matched == 0
+                    flags[doc] = min(matched + repeat, 3)
+                    scores[doc] += weight * data[j]
+                u += 1
+
+            if dense:
+                for i in range(n_reached):
+                    doc = reached[i]
+                    scores[doc] = 0
+                    flags[doc] = 0
+                for t in range(first, last):  # bm25s' order: its float sums exactly
+                    term = query_ids[t]
+                    for j in range(indptr[term], indptr[term + 1]):
+                        scores[indices[j]] += data[j]
+                size = dense_top(scores, heap_scores, heap_rows)
+            else:
+                # Candidates: no new passages; the remaining terms only for passages that can still make it.
+                if pruning:
+                    n_reached = keep_candidates(reached, n_reached, scores, flags, rest[u], theta, margin)
+                in_row_order = u == 1  # the union of a single posting list is in row order
+                while u < n_terms:
+                    term, repeat = terms[u], repeats[u]
+                    weight = np.float32(repeat)
+                    start, end = indptr[term], indptr[term + 1]
+                    if end - start > 32 * n_reached:  # few candidates: look each one up
+                        if not in_row_order:  # once: dropping candidates keeps the order
+                            sort_reached(reached, n_reached, flags)
+                            in_row_order = True
+                        pos = start
+                        for i in range(n_reached):
+                            doc = reached[i]
+                            pos = find(term, doc, pos)
+                            if pos == end:
+                                break
+                            if indices[pos] == doc:
+                                scores[doc] += weight * data[pos]
+                                flags[doc] = min(flags[doc] + repeat, 3)
+                    else:  # many: walk the list, adding (branch-free) to candidates only
+                        for j in range(start, end):
+                            doc = indices[j]
+                            matched = flags[doc]
+                            candidate = matched > 0
+                            scores[doc] += weight * data[j] * candidate
+                            flags[doc] = min(matched + repeat * candidate, 3)
+                    u += 1
+                    if u < n_terms and n_reached > k:
+                        theta = max(theta, kth_best(heap_scores, heap_rows, reached, n_reached, scores))
+                        n_reached = keep_candidates(reached, n_reached, scores, flags, rest[u], theta, margin)
+
+                # Selection; resets the scratch entries used.
+                cut = 0.0
+                if not in_query_order and n_reached > k:
+                    # Sums in another order than bm25s' may differ in the last bits (only with 3 or more terms
+                    # matched): find the k-th best roughly, then redo those near or above it in query order.
+                    cut = kth_best(heap_scores, heap_rows, reached, n_reached, scores) * (1 - margin)
+                size = 0
+                for i in range(n_reached):
+                    doc = reached[i]
+                    score = scores[doc]
+                    matched = flags[doc]
+                    scores[doc] = 0
+                    flags[doc] = 0
+                    if not score > 0:
+                        continue
+                    if not in_query_order and matched >= 3:
+                        if score < cut:
+                            continue
+                        score = exact_score(first, last, doc)
+                    if size < k or worse(heap_scores[0], heap_rows[0], score, doc):
+                        size = offer(heap_scores, heap_rows, size, score, doc)
+            out_counts[q] = size
+            # Heap sort in place: move the worst entry to the end, repeatedly, leaving the best first.
+            for end in range(size - 1, 0, -1):
+                last_score, last_row = heap_scores[end], heap_rows[end]
+                heap_scores[end] = heap_scores[0]
+                heap_rows[end] = heap_rows[0]
+                sift_down(heap_scores, heap_rows, last_score, last_row, end)
+
+
+# The kernel's loop over slices names ``prange``; numba reads module globals when it compiles, and _sparse_kernels
+# binds this to numba.prange first. Importing numba here instead would add ~1 s to every import of this module.
+prange = range
+_kernels = None
+
+
+def _sparse_kernels():
+    """``(parallel, serial)`` compiled versions of :func:`_sparse_topk_batch`, built on first use.
+
+    Compiled lazily so that importing this module does not import numba. Both are cached on disk (compile cost is
+    paid once per installation) and release the GIL. The serial one serves single-query calls, which gain nothing
+    from numba's thread pool.
+    """
+    global _kernels, prange
+    if _kernels is None:
+        import numba
+
+        prange = numba.prange
+
+        options = {"cache": True, "nogil": True, "boundscheck": False}
+        try:
+            parallel = numba.njit(parallel=True, **options)(_sparse_topk_batch)
+            serial = numba.njit(**options)(_sparse_topk_batch)
+        except RuntimeError as err:  # no writable cache location: compile per process instead
+            logger.info("numba cache unavailable for the BM25 kernel: %s", err)
+            parallel = numba.njit(parallel=True, nogil=True)(_sparse_topk_batch)
+            serial = numba.njit(nogil=True)(_sparse_topk_batch)
+        _kernels = (parallel, serial)
+    return _kernels
+
+
 def _resolve_threads(n_threads: int) -> int:
     """-1 means the cores this process may use (its CPU affinity, not the machine's count), within numba's pool."""
     import numba
@@ -167,8 +515,12 @@ def _resolve_threads(n_threads: int) -> int:
 class Bm25Retriever:
     """Loads a saved bm25s index memory-mapped and answers batches of queries.
 
-    Thread-safe: ``search`` holds a lock, because the query tokenizer caches stems in plain dicts and numba's
-    thread count is set per call. One batch already uses ``n_threads`` cores, so serialising batches costs nothing.
+    Thread-safe: ``search`` holds a lock, because the query tokenizer caches stems in plain dicts, the kernel's
+    scratch buffers are shared and numba's thread count is set per call. One batch already uses ``n_threads`` cores,
+    so serialising batches costs nothing.
+
+    Memory: besides the memory-mapped index, 9 bytes per passage per thread of scratch space (float32 scores,
+    a flag byte, an int32 "touched" list), of which only the pages queries actually reach become resident.
     """
 
     kind = "bm25"
@@ -194,6 +546,16 @@ class Bm25Retriever:
         self._lock = threading.Lock()
         if len(self) != len(docstore):
             raise ValueError(f"{index_dir}: BM25 index has {len(self)} passages but the docstore has {len(docstore)}")
+        # bm25l and bm25+ give every passage a base score for each query term it lacks, so a query's hits are not
+        # confined to its posting lists: those methods keep bm25s' dense scoring.
+        self.sparse_kernel = self.backend == "numba" and self._bm25.nonoccurrence_array is None
+        if self.sparse_kernel:
+            slices, num_docs = self.n_threads, len(self)
+            self._acc = np.zeros((slices, num_docs), dtype=np.float32)
+            self._seen = np.zeros((slices, num_docs), dtype=np.uint8)
+            self._touched = np.empty((slices, num_docs + 1), dtype=np.int32)  # +1: the kernel's branch-free append
+            self._term_max = np.full(len(self._bm25.scores["indptr"]) - 1, np.nan, dtype=np.float32)
+            self._warm_up()
 
     def __len__(self) -> int:
         return int(self._bm25.scores["num_docs"])
@@ -203,7 +565,7 @@ class Bm25Retriever:
         return list(self._tokenizer.streaming_tokenize(queries, update_vocab=False, allow_empty=False))
 
     def search_rows(self, queries: list[str], topk: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(rows, scores)`` per query, best first.
+        """``(rows, scores)`` per query, best first; equal scores in row order.
 
         Passages scoring 0 share no term with the query and are left out, so a query made only of stopwords or
         unknown words gets no hits rather than ``topk`` arbitrary ones.
@@ -220,13 +582,73 @@ class Bm25Retriever:
             todo = [i for i, ids in enumerate(query_ids) if ids]
             if not todo:
                 return out
-            rows, scores = self._bm25.retrieve(
-                [query_ids[i] for i in todo], k=k, sorted=True, show_progress=False, n_threads=self.n_threads
-            )
-        for i, row_list, score_list in zip(todo, rows, scores):
-            keep = score_list > 0
-            out[i] = (np.asarray(row_list[keep], dtype=np.int64), np.asarray(score_list[keep], dtype=np.float32))
+            if self.sparse_kernel:
+                found = self._search_sparse([query_ids[i] for i in todo], k)
+            else:
+                found = self._search_dense([query_ids[i] for i in todo], k)
+        for i, hits in zip(todo, found):
+            out[i] = hits
         return out
+
+    def _search_sparse(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Our kernel: cost follows the queries' posting lists, not the collection size."""
+        rows, scores, counts = self._run_kernel(query_ids, k)
+        return [(rows[i, :n], scores[i, :n]) for i, n in enumerate(counts.tolist())]
+
+    def _search_dense(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """bm25s' own retrieval (every passage scored): numpy backend, bm25l and bm25+."""
+        rows, scores = self._bm25.retrieve(query_ids, k=k, sorted=True, show_progress=False,
+                                           n_threads=self.n_threads)
+        found = []
+        for row_list, score_list in zip(rows, scores):
+            keep = score_list > 0
+            found.append((np.asarray(row_list[keep], dtype=np.int64), np.asarray(score_list[keep], dtype=np.float32)))
+        return found
+
+    def _run_kernel(self, query_ids: list[list[int]], k: int,
+                    kernel: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run :func:`_sparse_topk_batch` on a batch; ``(rows, scores, counts)`` with hits ``[i, :counts[i]]``.
+
+        ``kernel`` is "auto" (serial for one query, else parallel over ``n_threads`` slices), "serial" or
+        "parallel". Callers hold the lock (the scratch buffers are shared).
+        """
+        import numba
+
+        index = self._bm25.scores
+        lengths = np.fromiter(map(len, query_ids), dtype=np.int64, count=len(query_ids))
+        query_ptr = np.zeros(len(query_ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=query_ptr[1:])
+        flat = np.fromiter((t for ids in query_ids for t in ids), dtype=np.int32, count=int(query_ptr[-1]))
+        num_terms = len(index["indptr"]) - 1
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= num_terms):  # the kernel does not bounds-check
+            raise ValueError(f"query token id outside the index vocabulary (0..{num_terms - 1})")
+        rows = np.empty((len(query_ids), k), dtype=np.int64)
+        scores = np.empty((len(query_ids), k), dtype=np.float32)
+        counts = np.zeros(len(query_ids), dtype=np.int64)
+        if kernel == "auto":
+            kernel = "serial" if len(query_ids) <= 1 or self.n_threads == 1 else "parallel"
+        slices = 1 if kernel == "serial" else max(1, min(self.n_threads, len(query_ids)))
+        parallel, serial = _sparse_kernels()
+        args = (index["data"], index["indices"], index["indptr"], self._term_max, flat, query_ptr, k,
+                self._acc[:slices], self._seen[:slices], self._touched[:slices], rows, scores, counts)
+        if kernel == "serial":
+            serial(*args)
+        else:
+            previous = numba.get_num_threads()
+            numba.set_num_threads(slices)
+            try:
+                parallel(*args)
+            finally:
+                numba.set_num_threads(previous)
+        return rows, scores, counts
+
+    def _warm_up(self) -> None:
+        """Compile both kernels for this index's array types (or load them from numba's cache) at load time."""
+        started = time.perf_counter()
+        with self._lock:
+            for kernel in ("serial", "parallel"):
+                self._run_kernel([], 1, kernel=kernel)
+        logger.info("BM25 kernels ready in %.2fs", time.perf_counter() - started)
 
     def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         return [to_hits(self.docstore, rows, scores) for rows, scores in self.search_rows(queries, topk)]
