@@ -17,15 +17,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
-import httpx
 import numpy as np
+
+from masksearch_rl.retrieval.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,42 +76,6 @@ def load_queries(world: Path, limit: int = 5000) -> list[str]:
     return queries[:limit]
 
 
-class Server:
-    """One retrieval server as a child process on a free port; stopped on exit."""
-
-    def __init__(self, name: str, cmd: list[str]):
-        self.name = name
-        self.port = _free_port()
-        self.cmd = cmd + ["--port", str(self.port)]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError(f"{self.name} did not become healthy")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def closed_loop(url: str, queries: list[str], clients: int, requests: int, topk: int,
                       time_limit_s: float) -> dict:
     """``clients`` workers share ``requests`` single-query requests; returns throughput and latency percentiles."""
@@ -155,7 +119,7 @@ async def closed_loop(url: str, queries: list[str], clients: int, requests: int,
     }
 
 
-def measure(server: Server, queries: list[str], concurrency: list[int], requests: int, topk: int,
+def measure(server: ServerProcess, queries: list[str], concurrency: list[int], requests: int, topk: int,
             time_limit_s: float) -> list[dict]:
     # Warm-up: JIT kernels, page cache of the memory-mapped index, connection set-up.
     asyncio.run(closed_loop(server.url, queries[::-1], 8, 200, topk, 60))
@@ -195,13 +159,13 @@ def main() -> None:
         queries = load_queries(Path(built["world"]))
         ours_cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", built["index"]]
         base_cmd = [sys.executable, str(ROOT / "benchmarks" / "searchr1_baseline.py"), "--index", built["index"]]
-        with Server("ours", ours_cmd) as server:
+        with ServerProcess(ours_cmd, "ours", cwd=ROOT) as server:
             ours = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit)
-        with Server("baseline", base_cmd) as server:
+        with ServerProcess(base_cmd, "baseline", cwd=ROOT) as server:
             base = measure(server, queries, args.concurrency, args.baseline_requests, args.topk, args.time_limit)
         ablation = None
         if args.ablation:  # the baseline's per-query loop over OUR retriever: kernel gain vs batching gain
-            with Server("loop+ours", base_cmd + ["--engine", "ours"]) as server:
+            with ServerProcess(base_cmd + ["--engine", "ours"], "loop+ours", cwd=ROOT) as server:
                 ablation = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit)
         print(f"  {'C':>3s} {'ours req/s':>11s} {'base req/s':>11s} {'ratio':>7s} {'ours p99':>9s} {'base p99':>9s}"
               + ("  loop+ours req/s" if ablation else ""))

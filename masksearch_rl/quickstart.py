@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -88,12 +84,12 @@ def stage_search(index_dir: Path, questions_path: Path, cfg: QuickstartConfig) -
     from masksearch_rl.jsonl import read_jsonl
 
     questions = [q for q in read_jsonl(questions_path) if q["hops"] >= 2][: cfg.demo_questions]
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    from masksearch_rl.retrieval.server_process import ServerProcess
+
     log_path = index_dir.parent / "server.log"
-    with open(log_path, "w") as log, _server(index_dir, port, log) as server:
-        _wait_healthy(url, server, log_path)
-        found, total = asyncio.run(_ask(url, questions, cfg.topk))
+    cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", str(index_dir)]
+    with open(log_path, "w") as log, ServerProcess(cmd, log=log) as server:
+        found, total = asyncio.run(_ask(server.url, questions, cfg.topk))
     console.print(f"oracle hops whose supporting passage came back in the top {cfg.topk}: {found}/{total}")
     return {"hops_found": found, "hops_total": total, "server_log": str(log_path)}
 
@@ -163,44 +159,3 @@ def stage_curriculum(train_parquet: Path, cfg: QuickstartConfig) -> dict:
     changes = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]
     console.print(f"{len(order)} draws; mask counts in sampling order change as {changes}")
     return {"items": len(order), "stage_order": changes}
-
-
-class _server:
-    """`masksearch-rl serve` as a child process, stopped on exit."""
-
-    def __init__(self, index_dir: Path, port: int, log):
-        self.cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", str(index_dir), "--port", str(port)]
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> subprocess.Popen:
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        return self.proc
-
-    def __exit__(self, *exc) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"retrieval server exited with code {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"retrieval server at {url} not healthy after {timeout_s:.0f}s; see {log_path}")

@@ -32,6 +32,16 @@ def is_retryable(err: BaseException) -> bool:
     return isinstance(err, (httpx.TransportError, RetryableHTTPError))
 
 
+def http_retrying(max_retries: int, backoff_s: float, max_backoff_s: float) -> AsyncRetrying:
+    """Bounded retries with jittered exponential backoff, on :func:`is_retryable` errors only (4xx fail at once)."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(max_retries + 1),
+        wait=wait_exponential_jitter(initial=backoff_s, max=max_backoff_s),
+        retry=retry_if_exception(is_retryable),
+        reraise=True,
+    )
+
+
 def describe_error(err: BaseException) -> str:
     """A short cause for messages; ``httpx`` timeouts often have an empty ``str()``."""
     text = str(err).strip()
@@ -128,12 +138,7 @@ class RetrievalServerBackend:
     async def _post(self, payload: dict[str, Any]) -> Any:
         semaphore, client = self._resources()
         attempts = self.max_retries + 1
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=self.backoff_s, max=self.max_backoff_s),
-            retry=retry_if_exception(is_retryable),
-            reraise=True,
-        )
+        retrying = http_retrying(self.max_retries, self.backoff_s, self.max_backoff_s)
         try:
             async for attempt in retrying:
                 with attempt:

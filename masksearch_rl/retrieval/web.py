@@ -22,14 +22,13 @@ from typing import Any, Protocol
 
 import httpx
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from masksearch_rl.corpus.passage import format_contents
 from masksearch_rl.retrieval.client import (
     RetrievalServerBackend,
     RetryableHTTPError,
     describe_error,
-    is_retryable,
+    http_retrying,
     read_secret,
 )
 from masksearch_rl.retrieval.types import Hit, LocalBackend, SearchBackend, SearchError
@@ -237,12 +236,7 @@ class WebSearchBackend:
         semaphore, limiter, client = self._resources()
         cfg = self.config
         attempts = cfg.max_retries + 1
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=cfg.backoff_s, max=cfg.max_backoff_s),
-            retry=retry_if_exception(is_retryable),
-            reraise=True,
-        )
+        retrying = http_retrying(cfg.max_retries, cfg.backoff_s, cfg.max_backoff_s)
         try:
             async for attempt in retrying:
                 with attempt:
