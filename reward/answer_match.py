@@ -149,7 +149,10 @@ def _aliases(gold: str | Iterable[str]) -> Sequence[str]:
 
 def score_answer(prediction: str, gold: str | Iterable[str], *, word_boundary: bool = True) -> MatchScores:
     """All four metrics of ``prediction`` against one gold answer or a list of aliases (max per metric)."""
-    aliases = _aliases(gold)
+    if isinstance(gold, (list, tuple)) and gold:
+        aliases: Sequence[str] = gold  # the usual shape, taken as it is (see _aliases)
+    else:
+        aliases = _aliases(gold)
     text = prediction.strip()
     for alias in aliases:
         if type(alias) is str and alias == text:
@@ -158,6 +161,8 @@ def score_answer(prediction: str, gold: str | Iterable[str], *, word_boundary: b
             # tokens either and no alias can beat (1, 0, 0, 1)).
             return EXACT if _normalized_gold(alias).norm else EXACT_EMPTY
     pred_tokens = _normalized_tokens(prediction)
+    if len(aliases) == 1:  # (what _best_match does first, without the extra call)
+        return _match(" ".join(pred_tokens), pred_tokens, str(aliases[0]), word_boundary)
     return _best_match(" ".join(pred_tokens), pred_tokens, aliases, word_boundary)
 
 
@@ -202,11 +207,6 @@ class SpanScores(NamedTuple):
     mode: str
 
 
-def _mean(scores: Sequence[MatchScores], n: int) -> MatchScores:
-    em, f1, recall, cover_em = zip(*scores, strict=True)
-    return MatchScores(sum(em) / n, sum(f1) / n, sum(recall) / n, sum(cover_em) / n)
-
-
 def score_spans(
     answer: str,
     gold_spans: Sequence[str | Iterable[str]],
@@ -216,10 +216,23 @@ def score_spans(
     word_boundary: bool = True,
 ) -> SpanScores:
     """Score a RAMP answer against the masked spans (each a string or a list of aliases), averaged over masks."""
+    per_span, mode = score_each_span(answer, gold_spans, allow_paragraph, paragraph_min_words, word_boundary)
+    return SpanScores(mean_scores(per_span), tuple(per_span), mode)
+
+
+def score_each_span(
+    answer: str,
+    gold_spans: Sequence[str | Iterable[str]],
+    allow_paragraph: bool = True,
+    paragraph_min_words: int = DEFAULT_PARAGRAPH_MIN_WORDS,
+    word_boundary: bool = True,
+) -> tuple[list[MatchScores], str]:
+    """:func:`score_spans` before averaging: the scores of each mask and the mode (the reward needs no more)."""
     n = len(gold_spans)
     if n == 0:
         raise ValueError("a RAMP item needs at least one gold span")
-    if allow_paragraph and is_paragraph_answer(answer, n, paragraph_min_words):
+    # (the usual answer has a separator: no need to call is_paragraph_answer to see it is no paragraph)
+    if allow_paragraph and SPAN_DELIMITER not in answer and is_paragraph_answer(answer, n, paragraph_min_words):
         pred_tokens = _normalized_tokens(answer)  # normalise the passage once, not once per span
         pred_norm = " ".join(pred_tokens)
         per_span = []
@@ -227,11 +240,18 @@ def score_spans(
             s = _best_match(pred_norm, pred_tokens, _aliases(gold), word_boundary)
             # Against a whole passage precision means nothing: EM is read as cover-EM and F1 as recall.
             per_span.append(MatchScores(em=s.cover_em, f1=s.recall, recall=s.recall, cover_em=s.cover_em))
-        return SpanScores(_mean(per_span, n), tuple(per_span), "paragraph")
+        return per_span, "paragraph"
     # split_spans without its strip (normalisation ignores surrounding whitespace); parts are matched to masks by
     # position: parts beyond the last mask are ignored, masks without a part score 0.
     parts = answer.split(SPAN_DELIMITER)
     per_span = [score_answer(part, gold, word_boundary=word_boundary) for part, gold in zip(parts, gold_spans)]
-    per_span += [ZERO] * (n - len(per_span))
-    mode = "aligned" if len(parts) == n else "mismatch"
-    return SpanScores(_mean(per_span, n), tuple(per_span), mode)
+    if len(per_span) < n:
+        per_span += [ZERO] * (n - len(per_span))
+    return per_span, "aligned" if len(parts) == n else "mismatch"
+
+
+def mean_scores(scores: Sequence[MatchScores]) -> MatchScores:
+    """Each metric's mean over the masks (``sum(column) / n``, the order of the masks kept)."""
+    em, f1, recall, cover_em = map(sum, zip(*scores))
+    n = len(scores)
+    return MatchScores(em / n, f1 / n, recall / n, cover_em / n)

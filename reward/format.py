@@ -91,11 +91,13 @@ _CLOSERS = {THINK_CLOSE: "think", SEARCH_CLOSE: "search", INFO_CLOSE: "informati
 _CLOSER_OF = {name: tag for tag, name in _CLOSERS.items()}
 _TAG_RE = re.compile("|".join(re.escape(tag) for tag in [*_OPENERS, *_CLOSERS]))
 
-# The fast path (see _walk_well_formed) reads one well-formed block per regex match. After optional whitespace,
-# _BLOCK_RE matches a think block, a search block with a non-blank query followed by the opening of its
-# <information> block, or the answer block (its body in the group "answer"). A body runs up to its closer without
-# any protocol tag inside: runs of "[^<]" joined by "<"s that do not start a tag. (_body_then spells out the usual
-# case, no "<" at all, as its own branch: it is the cheapest for the regex engine.)
+# The fast path (see _walk) reads a well-formed response one step per regex match. A step is optional
+# whitespace, then a think block, a search block up to the opening of its <information> block, or the answer block;
+# a think block may be directly followed by one of the other two (think-search-information is the usual round).
+# A body runs up to its closer without any protocol tag inside: runs of "[^<]" joined by "<"s that do not start a
+# tag (_body_then spells out the usual case, no "<" at all, as its own branch: it is the cheapest for the engine).
+# A search's query may not be blank. The named group that closes last says what the step read (_STEP_KINDS); the
+# answer groups hold the answer's body.
 _NOT_A_TAG = "<(?!" + "|".join(re.escape(tag[1:]) for tag in [*_OPENERS, *_CLOSERS]) + ")"
 
 
@@ -104,70 +106,87 @@ def _body_then(closer: str) -> str:
     return f"[^<]*(?:{closer}|(?:{_NOT_A_TAG}[^<]*)+{closer})"
 
 
-_BLOCK_RE = re.compile(
-    rf"\s*(?:{re.escape(THINK_OPEN)}{_body_then(THINK_CLOSE)}"
-    rf"|(?P<search>{re.escape(SEARCH_OPEN)})(?!\s*{re.escape(SEARCH_CLOSE)}){_body_then(SEARCH_CLOSE)}"
-    rf"\s*{re.escape(INFO_OPEN)}"
-    rf"|{re.escape(ANSWER_OPEN)}(?P<answer>[^<]*(?:{_NOT_A_TAG}[^<]*)*){re.escape(ANSWER_CLOSE)})"
+def _answer_block(group: str) -> str:
+    return rf"{re.escape(ANSWER_OPEN)}(?P<{group}>[^<]*(?:{_NOT_A_TAG}[^<]*)*){re.escape(ANSWER_CLOSE)}"
+
+
+_THINK_BLOCK = rf"{re.escape(THINK_OPEN)}{_body_then(THINK_CLOSE)}"
+_SEARCH_BLOCK = (
+    rf"{re.escape(SEARCH_OPEN)}(?!\s*{re.escape(SEARCH_CLOSE)}){_body_then(SEARCH_CLOSE)}\s*{re.escape(INFO_OPEN)}"
 )
+_STEP_RE = re.compile(
+    rf"\s*(?:{_THINK_BLOCK}\s*(?:(?P<think_search>){_SEARCH_BLOCK}|{_answer_block('think_answer')}|(?P<think>))"
+    rf"|(?P<search>){_SEARCH_BLOCK}"
+    rf"|{_answer_block('answer')})"
+)
+_STEP_KINDS = {  # the step's last group -> (think blocks it read, the block that ended it)
+    "think": (1, "think"),
+    "think_search": (1, "search"),
+    "think_answer": (1, "answer"),
+    "search": (0, "search"),
+    "answer": (0, "answer"),
+}
 
 DEFAULT_RULES = FormatRules()
 
 
-class _Walk(NamedTuple):
-    """Where reading the blocks up to the answer ended: a failure, or the answer and the position after it."""
-
-    failure: FormatReason | None
-    answer: str | None
-    num_searches: int
-    num_thinks: int
-    end: int
+# What reading the blocks up to the answer gives: (failure or None, answer or None, num_searches, num_thinks, the
+# position after the answer).
+_Walk = tuple[FormatReason | None, str | None, int, int, int]
 
 
 def check_format(response: str, *, num_masks: int | None = None, rules: FormatRules = DEFAULT_RULES) -> FormatResult:
     """Check ``response`` against the tag protocol; ``num_masks`` (RAMP) also checks the number of answer spans."""
-    walk = _walk_well_formed(response)
-    if walk is None:
-        walk = _walk_tags(response, rules)
-    failure, answer, num_searches, num_thinks, pos = walk
-    if failure is not None:
-        return FormatResult(False, failure, answer, num_searches, num_thinks)
+    return FormatResult(*format_fields(response, num_masks, rules))
 
-    def fail(reason: FormatReason) -> FormatResult:
-        return FormatResult(False, reason, answer, num_searches, num_thinks)
 
-    if answer is None:
-        return fail(FormatReason.NO_ANSWER)
-    tail = response[pos:]
-    if tail and not tail.isspace():
-        for token in rules.eos_tokens:
-            tail = tail.replace(token, "")
-        if tail.strip():
-            return fail(FormatReason.TEXT_AFTER_ANSWER)
-    if not answer:
-        return fail(FormatReason.EMPTY_ANSWER)
-    if rules.require_think and num_thinks == 0:
-        return fail(FormatReason.MISSING_THINK)
-
+def format_fields(
+    response: str, num_masks: int | None, rules: FormatRules
+) -> tuple[bool, FormatReason, str | None, int, int, bool]:
+    """:func:`check_format`'s result as a plain tuple, in FormatResult's order (the reward's hot path uses it)."""
+    failure, answer, num_searches, num_thinks, end = _walk(response, rules)
     paragraph = False
+    if failure is not None:
+        pass
+    elif answer is None:
+        failure = FormatReason.NO_ANSWER
+    elif end < len(response) and not _only_end_tokens(response[end:], rules.eos_tokens):
+        failure = FormatReason.TEXT_AFTER_ANSWER
+    elif not answer:
+        failure = FormatReason.EMPTY_ANSWER
+    elif rules.require_think and num_thinks == 0:
+        failure = FormatReason.MISSING_THINK
     # answer.count(delimiter) + 1 == len(split_spans(answer)), without building the list
-    if num_masks is not None and answer.count(SPAN_DELIMITER) + 1 != num_masks:
+    elif num_masks is not None and answer.count(SPAN_DELIMITER) + 1 != num_masks:
         paragraph = rules.allow_paragraph and is_paragraph_answer(answer, num_masks, rules.paragraph_min_words)
         if not paragraph:
-            return fail(FormatReason.SPAN_COUNT_MISMATCH)
-    return FormatResult(True, FormatReason.OK, answer, num_searches, num_thinks, paragraph)
+            failure = FormatReason.SPAN_COUNT_MISMATCH
+    if failure is not None:
+        return (False, failure, answer, num_searches, num_thinks, False)
+    return (True, FormatReason.OK, answer, num_searches, num_thinks, paragraph)
 
 
-def _walk_tags(response: str, rules: FormatRules) -> _Walk:
-    """The definition: read the response tag by tag, up to the end of the text (or the first failure)."""
+def _only_end_tokens(tail: str, eos_tokens: tuple[str, ...]) -> bool:
+    """Is the text after the answer nothing but whitespace once each end-of-sequence token is removed in turn?"""
+    if tail.isspace() or (eos_tokens and tail == eos_tokens[0]):
+        return True  # the usual tails, decided at once (removing the first token leaves "")
+    for token in eos_tokens:
+        tail = tail.replace(token, "")
+    return not tail.strip()
+
+
+def _walk_tags(response: str, rules: FormatRules, pos: int = 0, num_searches: int = 0, num_thinks: int = 0) -> _Walk:
+    """The definition: read the response tag by tag, up to the end of the text (or the first failure).
+
+    ``pos`` and the counts let it go on after blocks already read (where no answer was read and no search awaits
+    its information).
+    """
     search = _TAG_RE.search
-    pos = 0
-    num_searches = num_thinks = 0
     awaiting_info = False
     answer: str | None = None
 
     def fail(reason: FormatReason) -> _Walk:
-        return _Walk(reason, answer, num_searches, num_thinks, pos)
+        return (reason, answer, num_searches, num_thinks, pos)
 
     while (match := search(response, pos)) is not None:
         tag = match.group()
@@ -211,42 +230,47 @@ def _walk_tags(response: str, rules: FormatRules) -> _Walk:
             num_thinks += 1
         else:
             answer = body.strip()
-    return _Walk(None, answer, num_searches, num_thinks, pos)
+    return (None, answer, num_searches, num_thinks, pos)
 
 
-def _walk_well_formed(response: str) -> _Walk | None:
-    """The fast path of :func:`_walk_tags` for responses whose blocks are all well formed (almost all of them).
+def _walk(response: str, rules: FormatRules) -> _Walk:
+    """:func:`_walk_tags`, with a fast path for the well-formed blocks that almost every response consists of.
 
-    Reads whole blocks (``_BLOCK_RE``) separated by whitespace up to the answer, then looks for a tag after it.
-    Returns None -- the caller then runs ``_walk_tags`` -- as soon as anything else shows up. On the blocks it
-    accepts, ``_walk_tags`` finds every opener followed by its closer with only whitespace in between, so
-    ``allow_untagged_text`` makes no difference and the result is the same (tests/test_reward.py checks it).
+    Reads steps of whole blocks (``_STEP_RE``) separated by whitespace up to the answer, then looks for a tag after
+    it. As soon as anything else shows up, ``_walk_tags`` reads on from the last step read. On the steps read here,
+    ``_walk_tags`` finds each opener followed by its closer with only whitespace in between (so
+    ``allow_untagged_text`` makes no difference) and ends in the same state; tests/test_reward.py checks that the
+    results agree.
     """
-    match_block = _BLOCK_RE.match
+    match_step = _STEP_RE.match
     pos = num_searches = num_thinks = 0
-    while (block := match_block(response, pos)) is not None:
-        pos = block.end()
-        kind = block.lastgroup
-        if kind is None:
-            num_thinks += 1
-        elif kind == "search":
-            num_searches += 1
+    while (step := match_step(response, pos)) is not None:
+        kind = step.lastgroup
+        thinks, last = _STEP_KINDS[kind]
+        if last == "search":
             # The retriever's text is opaque: skip to the first INFO_CLOSE. It seldom holds a "<", so the first "<"
             # (a memchr, much faster than a substring search) is usually where INFO_CLOSE starts.
-            end = response.find("<", pos)
+            end = response.find("<", step.end())
             if end >= 0 and not response.startswith(INFO_CLOSE, end):
                 end = response.find(INFO_CLOSE, end)
             if end < 0:
-                return None
+                break  # an unclosed <information>: the reference reads this step again and says so
+            num_searches += 1
+            num_thinks += thinks
             pos = end + len(INFO_CLOSE)
-        else:
-            answer = block.group("answer").strip()
+        elif last == "answer":
+            num_thinks += thinks
+            answer = step.group(kind).strip()
+            pos = step.end()
             after = _TAG_RE.search(response, pos)
             if after is None:
-                return _Walk(None, answer, num_searches, num_thinks, pos)
+                return (None, answer, num_searches, num_thinks, pos)
             reason = FormatReason.MULTIPLE_ANSWERS if after.group() == ANSWER_OPEN else FormatReason.TEXT_AFTER_ANSWER
-            return _Walk(reason, answer, num_searches, num_thinks, pos)
-    return None
+            return (reason, answer, num_searches, num_thinks, pos)
+        else:
+            num_thinks += thinks
+            pos = step.end()
+    return _walk_tags(response, rules, pos, num_searches, num_thinks)
 
 
 def extract_answer(response: str) -> str | None:

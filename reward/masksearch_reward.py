@@ -23,9 +23,9 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from reward.answer_match import ZERO, MatchScores, score_answer, score_spans, split_spans
+from reward.answer_match import ZERO, MatchScores, mean_scores, score_answer, score_each_span, split_spans
 from reward.combine import RewardConfig, combine
-from reward.format import FormatResult, check_format, extract_answer
+from reward.format import FormatReason, extract_answer, format_fields
 from reward.judge import JudgeItem, get_judge, resolve_llm_config
 
 # Extra keyword arguments verl's reward managers add at call time (not configuration).
@@ -46,6 +46,11 @@ class Target(NamedTuple):
 
 def parse_ground_truth(data_source: str, ground_truth: Any) -> Target:
     """Accept every ground-truth shape we write or meet (dicts, strings, lists, numpy arrays from parquet)."""
+    return Target(*_parse_ground_truth(data_source, ground_truth))
+
+
+def _parse_ground_truth(data_source: str, ground_truth: Any) -> tuple[tuple[tuple[str, ...], ...], bool]:
+    """:func:`parse_ground_truth` as a plain ``(blanks, is_ramp)`` tuple (the reward's hot path uses it)."""
     source = data_source if type(data_source) is str else str(data_source)
     if type(ground_truth) is dict or isinstance(ground_truth, Mapping):  # (the exact-type test is much cheaper)
         masks = ground_truth.get("masks")
@@ -65,7 +70,7 @@ def parse_ground_truth(data_source: str, ground_truth: Any) -> Target:
             blanks = (_strings(value),)
         if not blanks or not all(blanks):
             raise ValueError(f"ground truth for data_source={data_source!r} has an empty answer: {ground_truth!r}")
-    return Target(blanks, is_ramp)
+    return blanks, is_ramp
 
 
 def _items(value: Any) -> list[Any]:
@@ -107,72 +112,78 @@ def reset_caches() -> None:
 
 class _RuleScores(NamedTuple):
     config: RewardConfig
-    target: Target
-    fmt: FormatResult
+    blanks: tuple[tuple[str, ...], ...]  # the parsed ground truth (Target)
+    is_ramp: bool
+    format_ok: bool
+    format_reason: FormatReason
+    num_searches: int
     answer: str | None
     match: MatchScores
     paragraph: bool
-    metric: str  # config.metric_for(target.is_ramp)
+    metric: str  # config.metric_for(is_ramp)
 
     def judge_item(self, question: str | None) -> JudgeItem | None:
         """What to send to the judge, or None when no call is needed (no answer, gated out, exact match)."""
         if self.metric != "judge" or not self.answer:
             return None
-        if self.config.format_gate and not self.fmt.ok:
+        if self.config.format_gate and not self.format_ok:
             return None
         if self.config.judge_skip_exact and self.match.em == 1.0:
             return None
-        multi = len(self.target.blanks) > 1 and not self.paragraph
+        multi = len(self.blanks) > 1 and not self.paragraph
         spans = tuple(split_spans(self.answer)) if multi else None
-        return JudgeItem(golds=self.target.blanks, answer=self.answer, spans=spans, question=question)
+        return JudgeItem(golds=self.blanks, answer=self.answer, spans=spans, question=question)
 
 
 def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs: dict[str, Any]) -> _RuleScores:
-    for name in RUNTIME_KWARGS:
-        kwargs.pop(name, None)
+    if kwargs:
+        for name in RUNTIME_KWARGS:
+            kwargs.pop(name, None)
     config = reward_config(kwargs)
-    target = parse_ground_truth(data_source, ground_truth)
-    num_masks = len(target.blanks) if target.is_ramp else None
-    fmt = check_format(solution_str, num_masks=num_masks, rules=config.format)
-    answer = fmt.answer if fmt.answer is not None else extract_answer(solution_str)
+    blanks, is_ramp = _parse_ground_truth(data_source, ground_truth)
+    rules = config.format
+    # check_format's fields (FormatResult order)
+    format_ok, format_reason, answer, num_searches, _, _ = format_fields(
+        solution_str, len(blanks) if is_ramp else None, rules
+    )
+    if answer is None:
+        answer = extract_answer(solution_str)
     paragraph = False
     if not answer:
         match = ZERO
-    elif target.is_ramp:
-        rules = config.format
-        scored = score_spans(
-            answer, target.blanks, allow_paragraph=rules.allow_paragraph, paragraph_min_words=rules.paragraph_min_words
-        )
-        match, paragraph = scored.mean, scored.mode == "paragraph"
+    elif is_ramp:
+        per_span, mode = score_each_span(answer, blanks, rules.allow_paragraph, rules.paragraph_min_words)
+        match, paragraph = mean_scores(per_span), mode == "paragraph"  # score_spans(...).mean and its mode
     else:
-        match = score_answer(answer, target.blanks[0])
-    return _RuleScores(config, target, fmt, answer, match, paragraph, config.metric_for(target.is_ramp))
+        match = score_answer(answer, blanks[0])
+    metric = config.metric_for(is_ramp)
+    return _RuleScores(config, blanks, is_ramp, format_ok, format_reason, num_searches, answer, match, paragraph, metric)
 
 
 def _result(rules: _RuleScores, judge_score: float | None, judge_fallback: bool) -> dict[str, float]:
-    config, metric, match, fmt = rules.config, rules.metric, rules.match, rules.fmt
+    config, metric, match, format_ok = rules.config, rules.metric, rules.match, rules.format_ok
     if metric != "judge":
         answer_score, judge_value = getattr(match, metric), 0.0  # RewardConfig only accepts known metrics
     elif judge_score is not None:
         answer_score = judge_value = judge_score
     elif judge_fallback:
-        answer_score, judge_value = match.get(config.fallback_metric_for(rules.target.is_ramp)), 0.0
+        answer_score, judge_value = match.get(config.fallback_metric_for(rules.is_ramp)), 0.0
     else:  # no call was needed
         skipped_exact = bool(rules.answer) and match.em == 1.0 and config.judge_skip_exact
         answer_score = judge_value = 1.0 if skipped_exact else 0.0
-    score, counted = combine(fmt.ok, answer_score, config)
+    score, counted = combine(format_ok, answer_score, config)
     return {
         "score": float(score),
         "acc": float(counted),
-        "format": 1.0 if fmt.ok else 0.0,
-        "format_code": int(fmt.reason),
+        "format": 1.0 if format_ok else 0.0,
+        "format_code": int(rules.format_reason),
         "em": match.em,
         "f1": match.f1,
         "recall": match.recall,
         "cover_em": match.cover_em,
         "judge": float(judge_value),
         "judge_fallback": 1.0 if judge_fallback else 0.0,
-        "num_searches": fmt.num_searches,
+        "num_searches": rules.num_searches,
     }
 
 
@@ -192,7 +203,7 @@ async def compute_score(
 ) -> dict[str, float]:
     """Reward of one response (async: the judge, when selected, is awaited on verl's reward loop)."""
     rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
-    item = rules.judge_item(_question(extra_info))
+    item = rules.judge_item(_question(extra_info)) if rules.metric == "judge" else None
     if item is None:
         return _result(rules, None, False)
     verdict = await _judge_for(kwargs, rules.config).grade(item)
@@ -212,7 +223,7 @@ def compute_score_sync(
     and in-flight sharing hold across threads; the calling thread blocks until its verdict is in.
     """
     rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
-    item = rules.judge_item(_question(extra_info))
+    item = rules.judge_item(_question(extra_info)) if rules.metric == "judge" else None
     if item is None:
         return _result(rules, None, False)
     judge = _judge_for(kwargs, rules.config)

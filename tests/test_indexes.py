@@ -210,7 +210,7 @@ def test_docstore_and_manifest_follow_corpus_order(bm25_dir, corpus):
 
 
 # ------------------------------------------------------------------------------------------ BM25 kernel vs bm25s
-# Search goes through our sparse kernel (bm25.py: _sparse_topk_batch); bm25s' own numpy scoring is the reference.
+# Search goes through our kernel (bm25.py: _bm25_topk_batch); bm25s' own numpy scoring is the reference.
 _LETTERS = np.random.default_rng(1).choice(list("bdgkmprst"), (400, 4))
 WORDS = sorted({"".join(chars) + "vo" for chars in _LETTERS})  # ~400 made-up words, Zipf-ranked in this order
 UBIQUITOUS = "omnipresent"  # in every passage: one query term touching all N passages
@@ -281,7 +281,7 @@ def random_queries(weights, rng, count: int) -> list[str]:
 @pytest.mark.parametrize("topk", [1, 5, 100])
 def test_bm25_kernel_matches_bm25s_on_random_queries(random_bm25, topk):
     retriever, reference, weights = random_bm25
-    assert retriever.sparse_kernel
+    assert retriever.own_kernel
     queries = random_queries(weights, np.random.default_rng(topk), 150)
     for start in range(0, len(queries), 64):
         check_against_bm25s(retriever, reference, queries[start:start + 64], topk)
@@ -330,7 +330,7 @@ def test_bm25_plus_keeps_bm25s_dense_scoring(corpus, tmp_path):
     """bm25+ gives every passage a base score, so it is not confined to posting lists: bm25s scores it."""
     out = build_index(corpus, tmp_path / "bm25plus", kind="bm25", method="bm25+", show_progress=False)
     retriever = load_index(out)
-    assert not retriever.sparse_kernel
+    assert not retriever.own_kernel
     hits = retriever.search(["cheese aged in copper mines"], topk=3)[0]
     assert hits[0].id == "p4" and len(hits) == 3
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import string
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from envs.prompts import answer_block, information_block
 from reward.answer_match import (
+    MatchScores,
     cover_exact_match,
     exact_match,
     f1_score,
@@ -56,20 +58,20 @@ def _fresh_configs():
 # ------------------------------------------------------------------------------------------------------ format
 
 
-@pytest.mark.parametrize(
-    "response",
-    [
-        GOOD,
-        trajectory(search("q1"), search("q2"), search("q3")),  # no think blocks: allowed by default
-        trajectory(),  # answer straight away
-        trajectory(THINK, tail=""),
-        trajectory(THINK, tail="<|endoftext|><|endoftext|>\n"),
-        trajectory(THINK, tail="\n</s>"),
-        trajectory("<think></think>", search("q")),  # empty think (Qwen3 style)
-        # the retriever's text is opaque: tags quoted inside <information> do not count
-        trajectory(search("q", docs="a page quoting <answer> x </answer> and <think> and </search>")),
-    ],
-)
+WELL_FORMED_CASES = [
+    GOOD,
+    trajectory(search("q1"), search("q2"), search("q3")),  # no think blocks: allowed by default
+    trajectory(),  # answer straight away
+    trajectory(THINK, tail=""),
+    trajectory(THINK, tail="<|endoftext|><|endoftext|>\n"),
+    trajectory(THINK, tail="\n</s>"),
+    trajectory("<think></think>", search("q")),  # empty think (Qwen3 style)
+    # the retriever's text is opaque: tags quoted inside <information> do not count
+    trajectory(search("q", docs="a page quoting <answer> x </answer> and <think> and </search>")),
+]
+
+
+@pytest.mark.parametrize("response", WELL_FORMED_CASES)
 def test_well_formed_responses(response):
     result = check_format(response, num_masks=2)
     assert result.ok and result.reason is R.OK
@@ -81,33 +83,33 @@ def test_counts_searches_and_thinks():
     assert (result.num_searches, result.num_thinks) == (2, 3)
 
 
-@pytest.mark.parametrize(
-    ("response", "reason"),
-    [
-        (f"{THINK}{search('q')}<think> still unsure </think>", R.NO_ANSWER),
-        (f"{THINK}<answer> a | b </answer> <answer> c | d </answer>", R.MULTIPLE_ANSWERS),
-        (trajectory(THINK, tail=" Hope this helps!"), R.TEXT_AFTER_ANSWER),
-        (trajectory(THINK, tail="<|im_end|> more"), R.TEXT_AFTER_ANSWER),
-        (trajectory(THINK, tail="<think> after </think>"), R.TEXT_AFTER_ANSWER),
-        (f"{THINK}<answer> a | b", R.UNCLOSED_TAG),
-        ("<think> thinking forever", R.UNCLOSED_TAG),
-        (f"{THINK}<search> q </search>\n<information> docs ...", R.UNCLOSED_TAG),
-        ("</think> <answer> a | b </answer>", R.UNEXPECTED_CLOSE),
-        ("<think> x </search> <answer> a | b </answer>", R.UNEXPECTED_CLOSE),
-        ("<think> x <search> q </search> </think> <answer> a | b </answer>", R.NESTED_TAG),
-        ("<think> I will write <answer> a | b </answer>", R.NESTED_TAG),
-        ("<search> q </search> <answer> a | b </answer>", R.SEARCH_WITHOUT_INFORMATION),
-        (f"<search> q </search> {search('q2')}<answer> a | b </answer>", R.SEARCH_WITHOUT_INFORMATION),
-        ("<information> made up </information> <answer> a | b </answer>", R.INFORMATION_WITHOUT_SEARCH),
-        (f"{search('q')}<information> twice </information><answer> a | b </answer>", R.INFORMATION_WITHOUT_SEARCH),
-        ("<search>   </search>" + information_block("x") + "<answer> a | b </answer>", R.EMPTY_SEARCH),
-        ("<answer>   </answer>", R.EMPTY_ANSWER),
-        ("Sure! <answer> a | b </answer>", R.UNTAGGED_TEXT),
-        (f"{THINK} so the answer is <answer> a | b </answer>", R.UNTAGGED_TEXT),
-        ("<answer> a | b | c </answer>", R.SPAN_COUNT_MISMATCH),
-        ("<answer> only one </answer>", R.SPAN_COUNT_MISMATCH),
-    ],
-)
+MALFORMED_CASES = [
+    (f"{THINK}{search('q')}<think> still unsure </think>", R.NO_ANSWER),
+    (f"{THINK}<answer> a | b </answer> <answer> c | d </answer>", R.MULTIPLE_ANSWERS),
+    (trajectory(THINK, tail=" Hope this helps!"), R.TEXT_AFTER_ANSWER),
+    (trajectory(THINK, tail="<|im_end|> more"), R.TEXT_AFTER_ANSWER),
+    (trajectory(THINK, tail="<think> after </think>"), R.TEXT_AFTER_ANSWER),
+    (f"{THINK}<answer> a | b", R.UNCLOSED_TAG),
+    ("<think> thinking forever", R.UNCLOSED_TAG),
+    (f"{THINK}<search> q </search>\n<information> docs ...", R.UNCLOSED_TAG),
+    ("</think> <answer> a | b </answer>", R.UNEXPECTED_CLOSE),
+    ("<think> x </search> <answer> a | b </answer>", R.UNEXPECTED_CLOSE),
+    ("<think> x <search> q </search> </think> <answer> a | b </answer>", R.NESTED_TAG),
+    ("<think> I will write <answer> a | b </answer>", R.NESTED_TAG),
+    ("<search> q </search> <answer> a | b </answer>", R.SEARCH_WITHOUT_INFORMATION),
+    (f"<search> q </search> {search('q2')}<answer> a | b </answer>", R.SEARCH_WITHOUT_INFORMATION),
+    ("<information> made up </information> <answer> a | b </answer>", R.INFORMATION_WITHOUT_SEARCH),
+    (f"{search('q')}<information> twice </information><answer> a | b </answer>", R.INFORMATION_WITHOUT_SEARCH),
+    ("<search>   </search>" + information_block("x") + "<answer> a | b </answer>", R.EMPTY_SEARCH),
+    ("<answer>   </answer>", R.EMPTY_ANSWER),
+    ("Sure! <answer> a | b </answer>", R.UNTAGGED_TEXT),
+    (f"{THINK} so the answer is <answer> a | b </answer>", R.UNTAGGED_TEXT),
+    ("<answer> a | b | c </answer>", R.SPAN_COUNT_MISMATCH),
+    ("<answer> only one </answer>", R.SPAN_COUNT_MISMATCH),
+]
+
+
+@pytest.mark.parametrize(("response", "reason"), MALFORMED_CASES)
 def test_malformed_responses(response, reason):
     result = check_format(response, num_masks=2)
     assert not result.ok
@@ -490,6 +492,273 @@ def test_generated_valid_trajectories_pass(kinds, spans):
     result = check_format(response, num_masks=len(spans))
     assert result.ok, (result, response)
     assert result.num_searches == kinds.count("s")
+
+
+# ------------------------------------------------------------- fast paths agree with the definitions (reference code)
+#
+# The scoring code has fast paths (a block-by-block regex walk for the format check, shortcuts for exact answers,
+# ...). The functions below are the plain definitions they must equal -- written the straightforward way, as the
+# reward was first implemented -- and the property tests compare the two on adversarial inputs.
+
+_REF_TAGS = ["<think>", "<search>", "<information>", "<answer>", "</think>", "</search>", "</information>", "</answer>"]
+_REF_TAG_RE = re.compile("|".join(map(re.escape, _REF_TAGS)))
+
+
+def _reference_check_format(response: str, num_masks: int | None, rules: FormatRules) -> tuple:
+    """The tag protocol read tag by tag over the whole response; the result as a plain tuple."""
+    pos = num_searches = num_thinks = 0
+    awaiting_info = False
+    answer = None
+
+    def fail(reason):
+        return (False, reason, answer, num_searches, num_thinks, False)
+
+    while (match := _REF_TAG_RE.search(response, pos)) is not None:
+        tag = match.group()
+        if answer is not None:
+            return fail(R.MULTIPLE_ANSWERS if tag == "<answer>" else R.TEXT_AFTER_ANSWER)
+        if not rules.allow_untagged_text and pos < match.start() and not response[pos : match.start()].isspace():
+            return fail(R.UNTAGGED_TEXT)
+        if tag.startswith("</"):
+            return fail(R.UNEXPECTED_CLOSE)
+        name = tag[1:-1]
+        if awaiting_info and name != "information":
+            return fail(R.SEARCH_WITHOUT_INFORMATION)
+        if name == "information":
+            if not awaiting_info:
+                return fail(R.INFORMATION_WITHOUT_SEARCH)
+            end = response.find("</information>", match.end())
+            if end < 0:
+                return fail(R.UNCLOSED_TAG)
+            awaiting_info, pos = False, end + len("</information>")
+            continue
+        closing = _REF_TAG_RE.search(response, match.end())
+        if closing is None:
+            return fail(R.UNCLOSED_TAG)
+        if closing.group() != f"</{name}>":
+            return fail(R.UNEXPECTED_CLOSE if closing.group().startswith("</") else R.NESTED_TAG)
+        body, pos = response[match.end() : closing.start()], closing.end()
+        if name == "search":
+            if not body.strip():
+                return fail(R.EMPTY_SEARCH)
+            num_searches, awaiting_info = num_searches + 1, True
+        elif name == "think":
+            num_thinks += 1
+        else:
+            answer = body.strip()
+    if answer is None:
+        return fail(R.NO_ANSWER)
+    tail = response[pos:]
+    for token in rules.eos_tokens:
+        tail = tail.replace(token, "")
+    if tail.strip():
+        return fail(R.TEXT_AFTER_ANSWER)
+    if not answer:
+        return fail(R.EMPTY_ANSWER)
+    if rules.require_think and num_thinks == 0:
+        return fail(R.MISSING_THINK)
+    paragraph = False
+    if num_masks is not None and len(split_spans(answer)) != num_masks:
+        paragraph = (
+            rules.allow_paragraph
+            and num_masks > 1
+            and "|" not in answer
+            and len(answer.split()) >= rules.paragraph_min_words
+        )
+        if not paragraph:
+            return fail(R.SPAN_COUNT_MISMATCH)
+    return (True, R.OK, answer, num_searches, num_thinks, paragraph)
+
+
+def _reference_scores(prediction: str, aliases: list[str], word_boundary: bool = True) -> tuple:
+    """SQuAD v1.1 metrics (Counter-based F1, as the official script) plus recall and cover-EM, max over aliases."""
+    pred = _official_normalize(prediction)
+    pred_tokens = pred.split()
+    best = None
+    for alias in aliases:
+        gold = _official_normalize(str(alias))
+        gold_tokens = gold.split()
+        em = 1.0 if pred == gold else 0.0
+        if not gold:
+            cover = em
+        elif word_boundary:
+            cover = 1.0 if f" {gold} " in f" {pred} " else 0.0
+        else:
+            cover = 1.0 if gold in pred else 0.0
+        same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+        f1 = recall = 0.0
+        if same:
+            precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+            f1 = 2 * precision * recall / (precision + recall)
+        scores = (em, f1, recall, cover)
+        best = scores if best is None else tuple(max(pair) for pair in zip(best, scores))
+    return best
+
+
+def _reference_spans(answer: str, golds: list, allow_paragraph: bool, min_words: int, word_boundary: bool) -> tuple:
+    """RAMP span scoring: (mean, per span, mode)."""
+    n = len(golds)
+    aliases = [[gold] if isinstance(gold, str) else list(gold) for gold in golds]
+    if allow_paragraph and n > 1 and "|" not in answer and len(answer.split()) >= min_words:
+        per_span = []
+        for alias_list in aliases:
+            _, _, recall, cover = _reference_scores(answer, alias_list, word_boundary)
+            per_span.append((cover, recall, recall, cover))
+        mode = "paragraph"
+    else:
+        parts = [part.strip() for part in answer.split("|")]
+        per_span = [
+            _reference_scores(parts[i], alias_list, word_boundary) if i < len(parts) else (0.0, 0.0, 0.0, 0.0)
+            for i, alias_list in enumerate(aliases)
+        ]
+        mode = "aligned" if len(parts) == n else "mismatch"
+    mean = tuple(sum(column) / n for column in zip(*per_span))
+    return mean, tuple(per_span), mode
+
+
+RULE_VARIANTS = [
+    FormatRules(),
+    FormatRules(allow_untagged_text=True),
+    FormatRules(require_think=True, allow_paragraph=False),
+    FormatRules(paragraph_min_words=2),
+    # tokens that contain one another: removing them one after the other is not the same as "only tokens left"
+    FormatRules(eos_tokens=("end", "<|end|>", "<|im_end|>", " ")),
+    FormatRules(eos_tokens=()),
+]
+# whitespace that str.isspace and the regex \s both know beyond ASCII, and text that looks like a tag but is not one
+FORMAT_PIECES = [*PIECES, "\t", "\u3000", "\x1c", "\x85", "<thinking>", "< think>", "<|end|>", "end", "a b c d"]
+_FORMAT_CODES = "".join(chr(ord("A") + i) for i in range(len(FORMAT_PIECES)))
+_FORMAT_PIECE_OF = dict(zip(_FORMAT_CODES, FORMAT_PIECES, strict=True))
+format_strings = st.text(alphabet=_FORMAT_CODES, max_size=40).map(lambda c: "".join(_FORMAT_PIECE_OF[x] for x in c))
+format_args = (st.sampled_from([None, 1, 2, 3]), st.integers(0, len(RULE_VARIANTS) - 1))
+
+
+def _assert_format_matches_reference(response: str, num_masks: int | None, rules_index: int) -> None:
+    rules = RULE_VARIANTS[rules_index]
+    result = check_format(response, num_masks=num_masks, rules=rules)
+    assert tuple(result) == _reference_check_format(response, num_masks, rules), response
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(format_strings, *format_args)
+def test_format_check_equals_the_reference_on_tag_soup(response, num_masks, rules_index):
+    _assert_format_matches_reference(response, num_masks, rules_index)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_trajectories(), *format_args)
+def test_format_check_equals_the_reference_on_mutated_trajectories(response, num_masks, rules_index):
+    _assert_format_matches_reference(response, num_masks, rules_index)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(alphabet="ts", max_size=5),
+    st.lists(st.sampled_from(["q", " ", "  ", "x < y", "<b>", "</informatio>", "\n"]), min_size=1, max_size=3),
+    st.sampled_from(["Paris | 1889", " a<b | c ", "", "   ", "one two three four"]),
+    st.sampled_from(["", "<|im_end|>", " \n", "<|endoftext|><|endoftext|>", "<|im_end|> x", "<search>"]),
+    *format_args,
+)
+def test_format_check_equals_the_reference_on_long_valid_looking_responses(
+    kinds, bodies, answer, tail, num_masks, rules_index
+):
+    # realistic shapes, with "<" inside bodies and information blocks that quote tags
+    docs = "Doc 1 (Title: <answer>) quotes <think> and </search>; x < y.\n" * 3
+    blocks = [
+        f"<think> {bodies[i % len(bodies)]} </think>\n" if kind == "t" else search(bodies[i % len(bodies)], docs)
+        for i, kind in enumerate(kinds)
+    ]
+    _assert_format_matches_reference("".join(blocks) + answer_block(answer) + tail, num_masks, rules_index)
+
+
+def test_format_check_equals_the_reference_on_the_hand_written_cases():
+    responses = [*WELL_FORMED_CASES, *(case for case, _ in MALFORMED_CASES)]
+    for response in responses:
+        for num_masks in (None, 1, 2):
+            for index in range(len(RULE_VARIANTS)):
+                _assert_format_matches_reference(response, num_masks, index)
+
+
+ANSWER_WORDS = ["Paris", "paris", "the", "a", "An", "New", "York", "1889", "10", "1000", "U.S.A.", "usa", "é", "İ"]
+answer_texts = st.lists(
+    st.sampled_from([*ANSWER_WORDS, " ", ", ", "-", "!", "\t", "_", "the-end"]), max_size=8
+).map("".join)
+gold_values = st.one_of(answer_texts, st.lists(answer_texts, min_size=1, max_size=3))
+
+
+@settings(max_examples=800, deadline=None)
+@given(answer_texts, gold_values, st.booleans())
+def test_answer_scores_equal_the_squad_reference(prediction, gold, word_boundary):
+    aliases = [gold] if isinstance(gold, str) else gold
+    expected = _reference_scores(prediction, aliases, word_boundary)
+    assert tuple(score_answer(prediction, gold, word_boundary=word_boundary)) == expected
+    # the same prediction spelled exactly like an alias takes the exact-match shortcut
+    assert tuple(score_answer(aliases[0], gold, word_boundary=word_boundary)) == _reference_scores(
+        aliases[0], aliases, word_boundary
+    )
+
+
+span_answers = st.tuples(st.lists(answer_texts, max_size=5), st.sampled_from(["|", " | ", " |"])).map(
+    lambda parts_and_bar: parts_and_bar[1].join(parts_and_bar[0])
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    span_answers,
+    st.lists(gold_values, min_size=1, max_size=4),
+    st.booleans(),
+    st.integers(1, 6),
+    st.booleans(),
+)
+def test_span_scores_equal_the_reference(answer, golds, allow_paragraph, min_words, word_boundary):
+    scored = score_spans(
+        answer, golds, allow_paragraph=allow_paragraph, paragraph_min_words=min_words, word_boundary=word_boundary
+    )
+    mean, per_span, mode = _reference_spans(answer, golds, allow_paragraph, min_words, word_boundary)
+    assert (tuple(scored.mean), tuple(map(tuple, scored.per_span)), scored.mode) == (mean, per_span, mode)
+    assert all(isinstance(s, MatchScores) for s in (scored.mean, *scored.per_span))
+
+
+def _expected_result(data_source: str, response: str, ground_truth, kwargs: dict) -> dict:
+    """compute_score_sync assembled from the public pieces, each checked against its reference above."""
+    config = RewardConfig.from_kwargs(kwargs)
+    target = parse_ground_truth(data_source, ground_truth)
+    rules = config.format
+    fmt = check_format(response, num_masks=len(target.blanks) if target.is_ramp else None, rules=rules)
+    answer = fmt.answer if fmt.answer is not None else extract_answer(response)
+    if not answer:
+        match = MatchScores()
+    elif target.is_ramp:
+        spans = score_spans(
+            answer, target.blanks, allow_paragraph=rules.allow_paragraph, paragraph_min_words=rules.paragraph_min_words
+        )
+        match = spans.mean
+    else:
+        match = score_answer(answer, target.blanks[0])
+    score, counted = combine(fmt.ok, match.get(config.metric_for(target.is_ramp)), config)
+    return {
+        "score": score,
+        "acc": counted,
+        "format": float(fmt.ok),
+        "format_code": int(fmt.reason),
+        "em": match.em,
+        "f1": match.f1,
+        "recall": match.recall,
+        "cover_em": match.cover_em,
+        "judge": 0.0,
+        "judge_fallback": 0.0,
+        "num_searches": fmt.num_searches,
+    }
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(tag_strings, mutated_trajectories()), *indices)
+def test_compute_score_is_the_composition_of_the_parts(response, config_index, gt_index):
+    data_source, ground_truth = GROUND_TRUTHS[gt_index]
+    kwargs = CONFIGS[config_index]
+    result = compute_score_sync(data_source, response, ground_truth, **kwargs)
+    assert result == _expected_result(data_source, response, ground_truth, kwargs)
 
 
 # -------------------------------------------------------------------------------- loading through verl's machinery

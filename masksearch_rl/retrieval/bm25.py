@@ -2,9 +2,11 @@
 
 Why bm25s: it precomputes every (term, passage) BM25 weight into a CSC matrix at build time, so a query is a sum of
 a few posting lists plus a top-k selection. We keep bm25s for tokenising, building and storing the index, but query it
-with our own compiled kernel (:func:`_sparse_topk_batch`): bm25s scores every query into a dense array of all N
+with our own compiled kernel (:func:`_bm25_topk_batch`): bm25s scores every query into a dense array of all N
 passages and scans all N for the top k, ~1.5-3 ms a query at N = 1M however short the query's posting lists are.
-Our kernel touches only the passages in the query's posting lists, so a query costs what its postings cost.
+Our kernel touches only the passages in the query's posting lists, and skips most of the long low-weight lists
+once they can no longer change the top k (MaxScore), so a query costs about what its rarer terms' postings cost;
+its results are bm25s' own, bit for bit.
 
 Memory: tokenising a big corpus into Python lists of ints costs ~8 bytes a token plus a list per passage; we keep
 the token ids in one flat ``int32`` array instead (4 bytes a token) and hand bm25s a lazy view over it.
@@ -156,8 +158,8 @@ def _enable_cache(dispatcher) -> None:
         logger.info("numba cache unavailable for %s: %s", getattr(dispatcher, "__name__", dispatcher), err)
 
 
-def _sparse_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, acc, seen, touched, out_rows,
-                       out_scores, out_counts):  # pragma: no cover - runs compiled (see _sparse_kernels)
+def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, acc, seen, touched, out_rows,
+                       out_scores, out_counts):  # pragma: no cover - runs compiled (see _bm25_kernels)
     """Exact top-``k`` passages of each query in a batch, doing work in proportion to the query's posting lists.
 
     ``data/indices/indptr`` are bm25s' CSC score matrix (column = term, rows ascending within a column). Query ``q``
@@ -255,7 +257,7 @@ def _sparse_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k,
             bound = np.float32(0.0)
             for j in range(indptr[term], indptr[term + 1]):
                 if data[j] < 0:
-                    bound = np.float32(np.inf)  # the pruning bounds assume weights >= 0: never prune past this term
+                    bound = np.float32(np.inf)  # the pruning bounds assume weights >= 0: no pruning with this term
                     break
                 bound = max(bound, data[j])
             term_max[term] = bound
@@ -369,6 +371,8 @@ def _sparse_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k,
                 rest[u] = rest[u + 1] + bounds[u]
                 left[u] = left[u + 1] + indptr[terms[u] + 1] - indptr[terms[u]]
 
+            can_prune = rest[0] < np.inf  # the bounds hold for weights >= 0 only
+
             # Union: every passage in the posting lists becomes a candidate.
             n_reached = 0
             u = 0
@@ -378,7 +382,7 @@ def _sparse_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k,
                 term, repeat = terms[u], repeats[u]
                 start, end = indptr[term], indptr[term + 1]
                 too_many = n_reached + end - start > dense_from
-                if u > 0 and n_reached >= k and (too_many or left[u] > n_reached):  # a check costs less than it saves
+                if can_prune and u > 0 and n_reached >= k and (too_many or left[u] > n_reached):  # worth a check
                     theta = kth_best(heap_scores, heap_rows, reached, n_reached, scores)
                     if theta * (1 - margin) > rest[u] * (1 + margin):
                         pruning = True
@@ -470,14 +474,17 @@ def _sparse_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k,
                 sift_down(heap_scores, heap_rows, last_score, last_row, end)
 
 
-# The kernel's loop over slices names ``prange``; numba reads module globals when it compiles, and _sparse_kernels
+# The kernel's loop over slices names ``prange``; numba reads module globals when it compiles, and _bm25_kernels
 # binds this to numba.prange first. Importing numba here instead would add ~1 s to every import of this module.
 prange = range
 _kernels = None
+# numba's "workqueue" threading layer (used when neither TBB nor OpenMP is available) aborts the process if two
+# threads run parallel code at once; retrievers of different indexes in one process share this lock.
+_parallel_lock = threading.Lock()
 
 
-def _sparse_kernels():
-    """``(parallel, serial)`` compiled versions of :func:`_sparse_topk_batch`, built on first use.
+def _bm25_kernels():
+    """``(parallel, serial)`` compiled versions of :func:`_bm25_topk_batch`, built on first use.
 
     Compiled lazily so that importing this module does not import numba. Both are cached on disk (compile cost is
     paid once per installation) and release the GIL. The serial one serves single-query calls, which gain nothing
@@ -489,14 +496,13 @@ def _sparse_kernels():
 
         prange = numba.prange
 
-        options = {"cache": True, "nogil": True, "boundscheck": False}
         try:
-            parallel = numba.njit(parallel=True, **options)(_sparse_topk_batch)
-            serial = numba.njit(**options)(_sparse_topk_batch)
+            parallel = numba.njit(parallel=True, nogil=True, cache=True)(_bm25_topk_batch)
+            serial = numba.njit(nogil=True, cache=True)(_bm25_topk_batch)
         except RuntimeError as err:  # no writable cache location: compile per process instead
             logger.info("numba cache unavailable for the BM25 kernel: %s", err)
-            parallel = numba.njit(parallel=True, nogil=True)(_sparse_topk_batch)
-            serial = numba.njit(nogil=True)(_sparse_topk_batch)
+            parallel = numba.njit(parallel=True, nogil=True)(_bm25_topk_batch)
+            serial = numba.njit(nogil=True)(_bm25_topk_batch)
         _kernels = (parallel, serial)
     return _kernels
 
@@ -519,8 +525,10 @@ class Bm25Retriever:
     scratch buffers are shared and numba's thread count is set per call. One batch already uses ``n_threads`` cores,
     so serialising batches costs nothing.
 
-    Memory: besides the memory-mapped index, 9 bytes per passage per thread of scratch space (float32 scores,
-    a flag byte, an int32 "touched" list), of which only the pages queries actually reach become resident.
+    Search runs on our kernel (:func:`_bm25_topk_batch`) and returns exactly bm25s' results (same rows and
+    float32 scores; equal scores in row order). Memory: besides the memory-mapped index, 9 bytes per passage per
+    thread of scratch space (float32 scores, a count byte, an int32 "touched" list; only pages that queries reach
+    become resident) and 4 bytes per vocabulary term.
     """
 
     kind = "bm25"
@@ -547,9 +555,9 @@ class Bm25Retriever:
         if len(self) != len(docstore):
             raise ValueError(f"{index_dir}: BM25 index has {len(self)} passages but the docstore has {len(docstore)}")
         # bm25l and bm25+ give every passage a base score for each query term it lacks, so a query's hits are not
-        # confined to its posting lists: those methods keep bm25s' dense scoring.
-        self.sparse_kernel = self.backend == "numba" and self._bm25.nonoccurrence_array is None
-        if self.sparse_kernel:
+        # confined to its posting lists: those methods (and the numpy backend, without numba) keep bm25s' own search.
+        self.own_kernel = self.backend == "numba" and self._bm25.nonoccurrence_array is None
+        if self.own_kernel:
             slices, num_docs = self.n_threads, len(self)
             self._acc = np.zeros((slices, num_docs), dtype=np.float32)
             self._seen = np.zeros((slices, num_docs), dtype=np.uint8)
@@ -582,20 +590,20 @@ class Bm25Retriever:
             todo = [i for i, ids in enumerate(query_ids) if ids]
             if not todo:
                 return out
-            if self.sparse_kernel:
-                found = self._search_sparse([query_ids[i] for i in todo], k)
+            if self.own_kernel:
+                found = self._search_kernel([query_ids[i] for i in todo], k)
             else:
-                found = self._search_dense([query_ids[i] for i in todo], k)
+                found = self._search_bm25s([query_ids[i] for i in todo], k)
         for i, hits in zip(todo, found):
             out[i] = hits
         return out
 
-    def _search_sparse(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _search_kernel(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Our kernel: cost follows the queries' posting lists, not the collection size."""
         rows, scores, counts = self._run_kernel(query_ids, k)
         return [(rows[i, :n], scores[i, :n]) for i, n in enumerate(counts.tolist())]
 
-    def _search_dense(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _search_bm25s(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """bm25s' own retrieval (every passage scored): numpy backend, bm25l and bm25+."""
         rows, scores = self._bm25.retrieve(query_ids, k=k, sorted=True, show_progress=False,
                                            n_threads=self.n_threads)
@@ -607,7 +615,7 @@ class Bm25Retriever:
 
     def _run_kernel(self, query_ids: list[list[int]], k: int,
                     kernel: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Run :func:`_sparse_topk_batch` on a batch; ``(rows, scores, counts)`` with hits ``[i, :counts[i]]``.
+        """Run :func:`_bm25_topk_batch` on a batch; ``(rows, scores, counts)`` with hits ``[i, :counts[i]]``.
 
         ``kernel`` is "auto" (serial for one query, else parallel over ``n_threads`` slices), "serial" or
         "parallel". Callers hold the lock (the scratch buffers are shared).
@@ -628,18 +636,19 @@ class Bm25Retriever:
         if kernel == "auto":
             kernel = "serial" if len(query_ids) <= 1 or self.n_threads == 1 else "parallel"
         slices = 1 if kernel == "serial" else max(1, min(self.n_threads, len(query_ids)))
-        parallel, serial = _sparse_kernels()
+        parallel, serial = _bm25_kernels()
         args = (index["data"], index["indices"], index["indptr"], self._term_max, flat, query_ptr, k,
                 self._acc[:slices], self._seen[:slices], self._touched[:slices], rows, scores, counts)
         if kernel == "serial":
             serial(*args)
         else:
-            previous = numba.get_num_threads()
-            numba.set_num_threads(slices)
-            try:
-                parallel(*args)
-            finally:
-                numba.set_num_threads(previous)
+            with _parallel_lock:
+                previous = numba.get_num_threads()  # per calling thread in numba
+                numba.set_num_threads(slices)
+                try:
+                    parallel(*args)
+                finally:
+                    numba.set_num_threads(previous)
         return rows, scores, counts
 
     def _warm_up(self) -> None:
