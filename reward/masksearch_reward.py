@@ -23,9 +23,9 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from reward.answer_match import ZERO, MatchScores, mean_scores, score_answer, score_each_span, split_spans
+from reward.answer_match import ZERO, mean_scores, score_answer, score_each_span, split_spans
 from reward.combine import RewardConfig, combine
-from reward.format import FormatReason, extract_answer, format_fields
+from reward.format import extract_answer, format_fields
 from reward.judge import JudgeItem, get_judge, resolve_llm_config
 
 # Extra keyword arguments verl's reward managers add at call time (not configuration).
@@ -61,15 +61,20 @@ def _parse_ground_truth(data_source: str, ground_truth: Any) -> tuple[tuple[tupl
         value = ground_truth
     if value is None:
         raise ValueError(f"ground truth for data_source={data_source!r} has no 'target': {ground_truth!r}")
-    if is_ramp and type(value) is list and value and all(type(span) is str for span in value):
-        blanks = tuple([(span,) for span in value])  # the common case, kept cheap: no blank is empty
-    else:
-        if is_ramp:
-            blanks = tuple([_strings(span) for span in _items(value)])
-        else:  # the aliases of one answer, however nested
-            blanks = (_strings(value),)
-        if not blanks or not all(blanks):
-            raise ValueError(f"ground truth for data_source={data_source!r} has an empty answer: {ground_truth!r}")
+    if is_ramp and type(value) is list and value:
+        plain: list[tuple[str]] = []
+        for span in value:  # the usual RAMP target, one plain string per mask, taken without conversions
+            if type(span) is not str:
+                break
+            plain.append((span,))
+        else:
+            return tuple(plain), True
+    if is_ramp:
+        blanks = tuple([_strings(span) for span in _items(value)])
+    else:  # the aliases of one answer, however nested
+        blanks = (_strings(value),)
+    if not blanks or not all(blanks):
+        raise ValueError(f"ground truth for data_source={data_source!r} has an empty answer: {ground_truth!r}")
     return blanks, is_ramp
 
 
@@ -84,12 +89,13 @@ def _items(value: Any) -> list[Any]:
 
 def _strings(value: Any) -> tuple[str, ...]:
     """Every string in a (nested) list or array; numbers become strings."""
-    if hasattr(value, "tolist"):
+    if type(value) is not list and hasattr(value, "tolist"):  # (a plain list has no tolist: skip the lookup)
         value = value.tolist()
     if isinstance(value, (list, tuple)):
-        if all(type(item) is str for item in value):
-            return tuple(value)  # a flat list of aliases, the usual case
-        return tuple(s for item in value for s in _strings(item))
+        for item in value:
+            if type(item) is not str:
+                return tuple(s for item in value for s in _strings(item))
+        return tuple(value)  # a flat list of aliases, the usual case
     return (str(value),)
 
 
@@ -110,29 +116,25 @@ def reset_caches() -> None:
     _CONFIGS.clear()
 
 
-class _RuleScores(NamedTuple):
-    config: RewardConfig
-    blanks: tuple[tuple[str, ...], ...]  # the parsed ground truth (Target)
-    is_ramp: bool
-    format_ok: bool
-    format_reason: FormatReason
-    num_searches: int
-    answer: str | None
-    match: MatchScores
-    paragraph: bool
-    metric: str  # config.metric_for(is_ramp)
+# What the rules give for one sample, before any judge call. A plain tuple (it is built for every sample; named
+# tuples cost a Python call each), unpacked where used, in this order:
+#   config, blanks (the parsed ground truth), is_ramp, format_ok, format_reason, num_searches, answer (None when
+#   there is none), match (MatchScores), paragraph (a RAMP answer read as the passage), metric (config.metric_for)
+_RuleScores = tuple
 
-    def judge_item(self, question: str | None) -> JudgeItem | None:
-        """What to send to the judge, or None when no call is needed (no answer, gated out, exact match)."""
-        if self.metric != "judge" or not self.answer:
-            return None
-        if self.config.format_gate and not self.format_ok:
-            return None
-        if self.config.judge_skip_exact and self.match.em == 1.0:
-            return None
-        multi = len(self.blanks) > 1 and not self.paragraph
-        spans = tuple(split_spans(self.answer)) if multi else None
-        return JudgeItem(golds=self.blanks, answer=self.answer, spans=spans, question=question)
+
+def _judge_item(rules: _RuleScores, question: str | None) -> JudgeItem | None:
+    """What to send to the judge, or None when no call is needed (no answer, gated out, exact match)."""
+    config, blanks, _, format_ok, _, _, answer, match, paragraph, metric = rules
+    if metric != "judge" or not answer:
+        return None
+    if config.format_gate and not format_ok:
+        return None
+    if config.judge_skip_exact and match.em == 1.0:
+        return None
+    multi = len(blanks) > 1 and not paragraph
+    spans = tuple(split_spans(answer)) if multi else None
+    return JudgeItem(golds=blanks, answer=answer, spans=spans, question=question)
 
 
 def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs: dict[str, Any]) -> _RuleScores:
@@ -141,10 +143,10 @@ def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs:
             kwargs.pop(name, None)
     config = reward_config(kwargs)
     blanks, is_ramp = _parse_ground_truth(data_source, ground_truth)
-    rules = config.format
+    format_rules = config.format
     # check_format's fields (FormatResult order)
     format_ok, format_reason, answer, num_searches, _, _ = format_fields(
-        solution_str, len(blanks) if is_ramp else None, rules
+        solution_str, len(blanks) if is_ramp else None, format_rules
     )
     if answer is None:
         answer = extract_answer(solution_str)
@@ -152,38 +154,38 @@ def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs:
     if not answer:
         match = ZERO
     elif is_ramp:
-        per_span, mode = score_each_span(answer, blanks, rules.allow_paragraph, rules.paragraph_min_words)
+        per_span, mode = score_each_span(answer, blanks, format_rules.allow_paragraph, format_rules.paragraph_min_words)
         match, paragraph = mean_scores(per_span), mode == "paragraph"  # score_spans(...).mean and its mode
     else:
         match = score_answer(answer, blanks[0])
     metric = config.metric_for(is_ramp)
-    return _RuleScores(config, blanks, is_ramp, format_ok, format_reason, num_searches, answer, match, paragraph, metric)
+    return config, blanks, is_ramp, format_ok, format_reason, num_searches, answer, match, paragraph, metric
 
 
 def _result(rules: _RuleScores, judge_score: float | None, judge_fallback: bool) -> dict[str, float]:
-    config, metric, match, format_ok = rules.config, rules.metric, rules.match, rules.format_ok
+    config, _, is_ramp, format_ok, format_reason, num_searches, answer, match, _, metric = rules
     if metric != "judge":
         answer_score, judge_value = getattr(match, metric), 0.0  # RewardConfig only accepts known metrics
     elif judge_score is not None:
         answer_score = judge_value = judge_score
     elif judge_fallback:
-        answer_score, judge_value = match.get(config.fallback_metric_for(rules.is_ramp)), 0.0
+        answer_score, judge_value = match.get(config.fallback_metric_for(is_ramp)), 0.0
     else:  # no call was needed
-        skipped_exact = bool(rules.answer) and match.em == 1.0 and config.judge_skip_exact
+        skipped_exact = bool(answer) and match.em == 1.0 and config.judge_skip_exact
         answer_score = judge_value = 1.0 if skipped_exact else 0.0
     score, counted = combine(format_ok, answer_score, config)
     return {
         "score": float(score),
         "acc": float(counted),
         "format": 1.0 if format_ok else 0.0,
-        "format_code": int(rules.format_reason),
+        "format_code": int(format_reason),
         "em": match.em,
         "f1": match.f1,
         "recall": match.recall,
         "cover_em": match.cover_em,
         "judge": float(judge_value),
         "judge_fallback": 1.0 if judge_fallback else 0.0,
-        "num_searches": rules.num_searches,
+        "num_searches": num_searches,
     }
 
 
@@ -203,10 +205,10 @@ async def compute_score(
 ) -> dict[str, float]:
     """Reward of one response (async: the judge, when selected, is awaited on verl's reward loop)."""
     rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
-    item = rules.judge_item(_question(extra_info)) if rules.metric == "judge" else None
+    item = _judge_item(rules, _question(extra_info)) if rules[-1] == "judge" else None  # rules[-1]: the metric
     if item is None:
         return _result(rules, None, False)
-    verdict = await _judge_for(kwargs, rules.config).grade(item)
+    verdict = await _judge_for(kwargs, rules[0]).grade(item)  # rules[0]: the config
     return _result(rules, verdict.score, verdict.score is None)
 
 
@@ -223,10 +225,10 @@ def compute_score_sync(
     and in-flight sharing hold across threads; the calling thread blocks until its verdict is in.
     """
     rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
-    item = rules.judge_item(_question(extra_info)) if rules.metric == "judge" else None
+    item = _judge_item(rules, _question(extra_info)) if rules[-1] == "judge" else None  # rules[-1]: the metric
     if item is None:
         return _result(rules, None, False)
-    judge = _judge_for(kwargs, rules.config)
+    judge = _judge_for(kwargs, rules[0])  # rules[0]: the config
     verdict = asyncio.run_coroutine_threadsafe(judge.grade(item), _background_loop()).result()
     return _result(rules, verdict.score, verdict.score is None)
 
