@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import platform
 import random
 import time
 import timeit
-from pathlib import Path
-
 
 from envs.prompts import answer_block, information_block
 from reward.answer_match import score_spans
@@ -121,8 +120,11 @@ def main() -> None:
 
     ok = sum(compute_score_sync(*item)["format"] for item in items) / n
     print(f"trajectories: {n} (mean {mean_chars:.0f} chars, {ok:.0%} well formed), best of {passes} passes")
-    print(f"machine yardstick: sum(range(1000)) = {_calibration_us():.1f} us CPU; rates are per CPU-second")
-    print(f"compute_score_sync : {full:>10,.0f} scores/s")
+    print(
+        f"machine yardstick: sum(range(1000)) = {_calibration_us():.1f} us CPU (python {platform.python_version()});"
+        " rates are per CPU-second"
+    )
+    print(f"compute_score_sync : {full:>10,.0f} scores/s ({1e6 / full:.1f} us CPU per score)")
     print(f"compute_score async: {async_rate:>10,.0f} scores/s (awaited one by one, rule metric)")
     print(f"check_format       : {fmt:>10,.0f} /s")
     print(f"score_spans (RAMP) : {match:>10,.0f} /s")

@@ -244,7 +244,10 @@ def score_each_span(
     # split_spans without its strip (normalisation ignores surrounding whitespace); parts are matched to masks by
     # position: parts beyond the last mask are ignored, masks without a part score 0.
     parts = answer.split(SPAN_DELIMITER)
-    per_span = [score_answer(part, gold, word_boundary=word_boundary) for part, gold in zip(parts, gold_spans)]
+    if word_boundary:  # (map pairs parts and masks as zip does)
+        per_span = list(map(score_answer, parts, gold_spans))
+    else:
+        per_span = [score_answer(part, gold, word_boundary=False) for part, gold in zip(parts, gold_spans)]
     if len(per_span) < n:
         per_span += [ZERO] * (n - len(per_span))
     return per_span, "aligned" if len(parts) == n else "mismatch"
@@ -252,6 +255,8 @@ def score_each_span(
 
 def mean_scores(scores: Sequence[MatchScores]) -> MatchScores:
     """Each metric's mean over the masks (``sum(column) / n``, the order of the masks kept)."""
-    em, f1, recall, cover_em = map(sum, zip(*scores))
     n = len(scores)
+    if n and scores.count(EXACT) == n:
+        return EXACT  # every mask exact, the usual case for a good policy: n times 1.0, divided by n, is 1.0
+    em, f1, recall, cover_em = map(sum, zip(*scores))
     return MatchScores(em / n, f1 / n, recall / n, cover_em / n)

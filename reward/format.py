@@ -13,6 +13,10 @@ blocks. A well-formed response is a sequence of blocks separated by whitespace::
 * for RAMP, the answer lists one span per mask (``a | b``), or, if allowed, is the reconstructed paragraph.
 
 The result says *why* a response fails (a :class:`FormatReason`), because the reasons are logged as metrics.
+
+Every rollout is checked, so speed matters: ``_walk_tags`` is the definition (read tag by tag), and ``_walk`` reads
+the usual well-formed blocks one regex match per step, handing over to ``_walk_tags`` at the first irregularity;
+tests/test_reward.py checks the result against a plain reference implementation on adversarial inputs.
 """
 
 from __future__ import annotations
@@ -169,10 +173,50 @@ def format_fields(
 def _only_end_tokens(tail: str, eos_tokens: tuple[str, ...]) -> bool:
     """Is the text after the answer nothing but whitespace once each end-of-sequence token is removed in turn?"""
     if tail.isspace() or (eos_tokens and tail == eos_tokens[0]):
-        return True  # the usual tails, decided at once (removing the first token leaves "")
+        return True  # the usual tails, decided at once (the first token removed, every later removal keeps "")
     for token in eos_tokens:
         tail = tail.replace(token, "")
     return not tail.strip()
+
+
+def _walk(response: str, rules: FormatRules) -> _Walk:
+    """:func:`_walk_tags`, with a fast path for the well-formed blocks that almost every response consists of.
+
+    Reads steps of whole blocks (``_STEP_RE``) separated by whitespace up to the answer, then looks for a tag after
+    it. As soon as anything else shows up, ``_walk_tags`` reads on from the last step read. On the steps read here,
+    ``_walk_tags`` finds each opener followed by its closer with only whitespace in between (so
+    ``allow_untagged_text`` makes no difference) and ends in the same state; tests/test_reward.py checks that the
+    results agree.
+    """
+    match_step = _STEP_RE.match
+    pos = num_searches = num_thinks = 0
+    while (step := match_step(response, pos)) is not None:
+        kind = step.lastgroup
+        thinks, last = _STEP_KINDS[kind]
+        if last == "search":
+            # The retriever's text is opaque: skip to the first INFO_CLOSE. It seldom holds a "<", so the first "<"
+            # (a memchr, much faster than a substring search) is usually where INFO_CLOSE starts.
+            end = response.find("<", step.end())
+            if end >= 0 and not response.startswith(INFO_CLOSE, end):
+                end = response.find(INFO_CLOSE, end)
+            if end < 0:
+                break  # an unclosed <information>: the reference reads this step again and says so
+            num_searches += 1
+            num_thinks += thinks
+            pos = end + len(INFO_CLOSE)
+        elif last == "answer":
+            num_thinks += thinks
+            answer = step.group(kind).strip()
+            pos = step.end()
+            after = _TAG_RE.search(response, pos)
+            if after is None:
+                return (None, answer, num_searches, num_thinks, pos)
+            reason = FormatReason.MULTIPLE_ANSWERS if after.group() == ANSWER_OPEN else FormatReason.TEXT_AFTER_ANSWER
+            return (reason, answer, num_searches, num_thinks, pos)
+        else:
+            num_thinks += thinks
+            pos = step.end()
+    return _walk_tags(response, rules, pos, num_searches, num_thinks)
 
 
 def _walk_tags(response: str, rules: FormatRules, pos: int = 0, num_searches: int = 0, num_thinks: int = 0) -> _Walk:
@@ -231,46 +275,6 @@ def _walk_tags(response: str, rules: FormatRules, pos: int = 0, num_searches: in
         else:
             answer = body.strip()
     return (None, answer, num_searches, num_thinks, pos)
-
-
-def _walk(response: str, rules: FormatRules) -> _Walk:
-    """:func:`_walk_tags`, with a fast path for the well-formed blocks that almost every response consists of.
-
-    Reads steps of whole blocks (``_STEP_RE``) separated by whitespace up to the answer, then looks for a tag after
-    it. As soon as anything else shows up, ``_walk_tags`` reads on from the last step read. On the steps read here,
-    ``_walk_tags`` finds each opener followed by its closer with only whitespace in between (so
-    ``allow_untagged_text`` makes no difference) and ends in the same state; tests/test_reward.py checks that the
-    results agree.
-    """
-    match_step = _STEP_RE.match
-    pos = num_searches = num_thinks = 0
-    while (step := match_step(response, pos)) is not None:
-        kind = step.lastgroup
-        thinks, last = _STEP_KINDS[kind]
-        if last == "search":
-            # The retriever's text is opaque: skip to the first INFO_CLOSE. It seldom holds a "<", so the first "<"
-            # (a memchr, much faster than a substring search) is usually where INFO_CLOSE starts.
-            end = response.find("<", step.end())
-            if end >= 0 and not response.startswith(INFO_CLOSE, end):
-                end = response.find(INFO_CLOSE, end)
-            if end < 0:
-                break  # an unclosed <information>: the reference reads this step again and says so
-            num_searches += 1
-            num_thinks += thinks
-            pos = end + len(INFO_CLOSE)
-        elif last == "answer":
-            num_thinks += thinks
-            answer = step.group(kind).strip()
-            pos = step.end()
-            after = _TAG_RE.search(response, pos)
-            if after is None:
-                return (None, answer, num_searches, num_thinks, pos)
-            reason = FormatReason.MULTIPLE_ANSWERS if after.group() == ANSWER_OPEN else FormatReason.TEXT_AFTER_ANSWER
-            return (reason, answer, num_searches, num_thinks, pos)
-        else:
-            num_thinks += thinks
-            pos = step.end()
-    return _walk_tags(response, rules, pos, num_searches, num_thinks)
 
 
 def extract_answer(response: str) -> str | None:

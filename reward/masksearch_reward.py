@@ -51,7 +51,7 @@ def parse_ground_truth(data_source: str, ground_truth: Any) -> Target:
 
 def _parse_ground_truth(data_source: str, ground_truth: Any) -> tuple[tuple[tuple[str, ...], ...], bool]:
     """:func:`parse_ground_truth` as a plain ``(blanks, is_ramp)`` tuple (the reward's hot path uses it)."""
-    source = data_source if type(data_source) is str else str(data_source)
+    source = str(data_source)
     if type(ground_truth) is dict or isinstance(ground_truth, Mapping):  # (the exact-type test is much cheaper)
         masks = ground_truth.get("masks")
         is_ramp = masks is not None or source.lower().startswith("ramp")
@@ -116,8 +116,8 @@ def reset_caches() -> None:
     _CONFIGS.clear()
 
 
-# What the rules give for one sample, before any judge call. A plain tuple (it is built for every sample; named
-# tuples cost a Python call each), unpacked where used, in this order:
+# What the rules give for one sample, before any judge call. A plain tuple -- it is built for every sample, and a
+# named tuple costs a Python call -- unpacked where used, in this order:
 #   config, blanks (the parsed ground truth), is_ramp, format_ok, format_reason, num_searches, answer (None when
 #   there is none), match (MatchScores), paragraph (a RAMP answer read as the passage), metric (config.metric_for)
 _RuleScores = tuple
@@ -205,10 +205,11 @@ async def compute_score(
 ) -> dict[str, float]:
     """Reward of one response (async: the judge, when selected, is awaited on verl's reward loop)."""
     rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
-    item = _judge_item(rules, _question(extra_info)) if rules[-1] == "judge" else None  # rules[-1]: the metric
+    config, metric = rules[0], rules[-1]
+    item = _judge_item(rules, _question(extra_info)) if metric == "judge" else None
     if item is None:
         return _result(rules, None, False)
-    verdict = await _judge_for(kwargs, rules[0]).grade(item)  # rules[0]: the config
+    verdict = await _judge_for(kwargs, config).grade(item)
     return _result(rules, verdict.score, verdict.score is None)
 
 
@@ -225,10 +226,11 @@ def compute_score_sync(
     and in-flight sharing hold across threads; the calling thread blocks until its verdict is in.
     """
     rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
-    item = _judge_item(rules, _question(extra_info)) if rules[-1] == "judge" else None  # rules[-1]: the metric
+    config, metric = rules[0], rules[-1]
+    item = _judge_item(rules, _question(extra_info)) if metric == "judge" else None
     if item is None:
         return _result(rules, None, False)
-    judge = _judge_for(kwargs, rules[0])  # rules[0]: the config
+    judge = _judge_for(kwargs, config)
     verdict = asyncio.run_coroutine_threadsafe(judge.grade(item), _background_loop()).result()
     return _result(rules, verdict.score, verdict.score is None)
 

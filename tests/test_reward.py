@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from envs.prompts import answer_block, information_block
@@ -711,6 +711,9 @@ span_answers = st.tuples(st.lists(answer_texts, max_size=5), st.sampled_from(["|
     st.integers(1, 6),
     st.booleans(),
 )
+@example("Paris | 1889", ["Paris", "1889"], True, 12, True)  # every mask exact
+@example("Paris|1889 | the", [["x", "Paris"], "1889", "a"], True, 12, False)  # exact, and "" == ""
+@example("U.S.A. | 10", ["usa", "1000"], False, 1, False)  # exact after normalising; "10" inside "1000"
 def test_span_scores_equal_the_reference(answer, golds, allow_paragraph, min_words, word_boundary):
     scored = score_spans(
         answer, golds, allow_paragraph=allow_paragraph, paragraph_min_words=min_words, word_boundary=word_boundary
