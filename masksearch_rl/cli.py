@@ -14,9 +14,12 @@ import typer
 from pathlib import Path
 
 from masksearch_rl.corpus import cli as corpus_cli
+from masksearch_rl.cot import cli as cot_cli
 from masksearch_rl.ramp import cli as ramp_cli
 from masksearch_rl.retrieval import cli as retrieval_cli
 from masksearch_rl.retrieval import serve_cli
+from masksearch_rl.selfevolve import cli as selfevolve_cli
+from masksearch_rl.sft import cli as sft_cli
 from masksearch_rl.synthetic import cli as synthetic_cli
 
 app = typer.Typer(
@@ -37,7 +40,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-for _module in (corpus_cli, synthetic_cli, retrieval_cli, serve_cli, ramp_cli):
+for _module in (corpus_cli, synthetic_cli, retrieval_cli, serve_cli, ramp_cli, cot_cli, sft_cli, selfevolve_cli):
     _module.register(app)
 
 

@@ -26,6 +26,15 @@ import openai
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One reply: its text and why generation ended (``"stop"``, ``"length"``, ...; None when unknown)."""
+
+    text: str
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
 class LLMError(RuntimeError):
     """An endpoint call that failed after its retries; the message names the endpoint, model and cause."""
 
@@ -105,27 +114,65 @@ class LLMClient:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     async def chat(self, messages: list[dict], *, use_cache: bool = True, **overrides: Any) -> str:
+        """The reply text to ``messages`` (cached on disk when the config has a ``cache_dir``)."""
+        return (await self._cached("chat", messages, use_cache, None, overrides)).text
+
+    async def chat_completion(
+        self, messages: list[dict], *, use_cache: bool = True, extra_body: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Completion:
+        """Like :meth:`chat`, but also says why generation ended (``finish_reason``; vLLM's ``stop_reason``).
+
+        ``extra_body`` is merged over the config's (e.g. vLLM's ``continue_final_message``).
+        """
+        return await self._cached("chat_completion", messages, use_cache, extra_body, overrides)
+
+    async def text_completion(
+        self, prompt: str, *, use_cache: bool = True, extra_body: dict[str, Any] | None = None, **overrides: Any
+    ) -> Completion:
+        """Plain ``/v1/completions`` on a prompt string (for a policy whose chat template is rendered locally)."""
+        return await self._cached("text_completion", prompt, use_cache, extra_body, overrides)
+
+    async def _cached(
+        self, kind: str, payload: Any, use_cache: bool, extra_body: dict[str, Any] | None, overrides: dict[str, Any]
+    ) -> Completion:
         cfg = self.config
         params: dict[str, Any] = {
             "temperature": overrides.pop("temperature", cfg.temperature),
             "max_tokens": overrides.pop("max_tokens", cfg.max_tokens),
         }
         params.update({k: v for k, v in overrides.items() if v is not None})
-        key = self.cache_key(messages, params) if (self._cache is not None and use_cache) else None
-        if key is not None:
+        body = {**(cfg.extra_body or {}), **(extra_body or {})}
+        key = None
+        if self._cache is not None and use_cache:
+            # `chat` keeps its historical key (and stores bare text), so existing caches stay valid.
+            key_params = params if kind == "chat" else {**params, "_kind": kind, "_extra_body": body}
+            key = self.cache_key(payload if kind != "text_completion" else [{"prompt": payload}], key_params)
             cached = self._cache.get(key)
             if cached is not None:
                 self.stats["cache_hits"] += 1
-                return cached
+                return Completion(cached) if isinstance(cached, str) else Completion(**cached)
+        completion = await self._request(kind, payload, params, body)
+        if key is not None:
+            self._cache.set(key, completion.text if kind == "chat" else asdict(completion))
+        return completion
+
+    async def _request(self, kind: str, payload: Any, params: dict[str, Any], body: dict[str, Any]) -> Completion:
+        cfg = self.config
         semaphore, client = self._resources()
         async with semaphore:
             self.stats["calls"] += 1
             self.in_flight += 1
             self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
             try:
-                response = await client.chat.completions.create(
-                    model=cfg.model, messages=messages, extra_body=cfg.extra_body or None, **params
-                )
+                if kind == "text_completion":
+                    response = await client.completions.create(
+                        model=cfg.model, prompt=payload, extra_body=body or None, **params
+                    )
+                else:
+                    response = await client.chat.completions.create(
+                        model=cfg.model, messages=payload, extra_body=body or None, **params
+                    )
             except openai.AuthenticationError as err:
                 self.stats["errors"] += 1
                 raise LLMError(
@@ -154,10 +201,12 @@ class LLMClient:
         if not response.choices:
             self.stats["errors"] += 1
             raise LLMError(f"{cfg.base_url} (model {cfg.model!r}) returned no choices")
-        text = response.choices[0].message.content or ""
-        if key is not None:
-            self._cache.set(key, text)
-        return text
+        choice = response.choices[0]
+        text = (choice.text if kind == "text_completion" else choice.message.content) or ""
+        stop_reason = getattr(choice, "stop_reason", None)  # vLLM: the stop string (or token id) that ended it
+        if stop_reason is None and isinstance(getattr(choice, "model_extra", None), dict):
+            stop_reason = choice.model_extra.get("stop_reason")
+        return Completion(text, choice.finish_reason, stop_reason if isinstance(stop_reason, (str, int)) else None)
 
     def describe(self) -> dict[str, Any]:
         """Config without secrets, for logs and W&B."""

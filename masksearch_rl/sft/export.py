@@ -1,0 +1,90 @@
+"""Trajectory records -> SFT parquet (``train.parquet``, ``val.parquet``) for verl's MultiTurnSFTDataset.
+
+Input: JSONL records as written by ``cot build`` and ``selfevolve`` (``id``, ``keep``, ``messages``, ``response``,
+``data_source``). Only ``keep: true`` records are exported. Duplicates are dropped, first occurrence kept (pass the
+oldest file first): the same id twice, or the same trajectory text for two ids. Rows: ``messages`` (chat turns;
+information turns are not ``assistant``, so the dataset gives them loss mask 0), ``data_source``, ``id``.
+The split is seeded per id (``masksearch_rl.ramp.export.split_ids``): adding data later moves few rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from masksearch_rl.jsonl import BadLines, atomic_path, iter_jsonl
+from masksearch_rl.ramp.export import split_ids
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def trajectory_key(record: dict[str, Any]) -> str:
+    """A content hash of what the model is trained on (its messages), for dedupe across files and iterations."""
+    return hashlib.sha256(json.dumps(record["messages"], sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_messages(messages: Any) -> str | None:
+    """Why ``messages`` cannot be an SFT example, or None when it can."""
+    if not isinstance(messages, list) or len(messages) < 3:
+        return "messages must be a list of at least 3 turns"
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            return f"bad turn {str(turn)[:80]!r}"
+    if messages[-1]["role"] != "assistant":
+        return "the last turn must be the assistant's"
+    return None
+
+
+def iter_kept(paths: Iterable[str | Path], bad: BadLines, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Kept, valid, unique trajectories of ``paths`` in order (first occurrence wins)."""
+    seen_ids: set[str] = set()
+    seen_content: set[str] = set()
+    for path in paths:
+        for lineno, record in iter_jsonl(path, bad=bad, required=("id", "messages")):
+            stats["records"] += 1
+            if not record.get("keep"):
+                stats["not_kept"] += 1
+                continue
+            problem = check_messages(record["messages"])
+            if problem:
+                bad.add(path, lineno, problem)
+                continue
+            key, content = str(record["id"]), trajectory_key(record)
+            if key in seen_ids or content in seen_content:
+                stats["duplicates"] += 1
+                continue
+            seen_ids.add(key)
+            seen_content.add(content)
+            yield record
+
+
+def export_sft(
+    inputs: list[str | Path], out_dir: str | Path, val_fraction: float = 0.02, seed: int = 0
+) -> dict[str, Any]:
+    """Write ``out_dir/train.parquet`` and ``out_dir/val.parquet`` (each atomically); returns counts."""
+    import pandas as pd
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    bad = BadLines()
+    stats = {"records": 0, "not_kept": 0, "duplicates": 0}
+    rows = [
+        {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]],
+         "data_source": str(r.get("data_source", "unknown")), "id": str(r["id"])}
+        for r in iter_kept(inputs, bad, stats)
+    ]
+    if not rows:
+        raise ValueError(f"no kept trajectories in {[str(p) for p in inputs]}")
+    val_ids = split_ids((row["id"] for row in rows), val_fraction, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "val"):
+        part = [row for row in rows if (row["id"] in val_ids) == (split == "val")]
+        counts[split] = len(part)
+        with atomic_path(out / f"{split}.parquet") as tmp:
+            pd.DataFrame(part, columns=["messages", "data_source", "id"]).to_parquet(tmp, index=False)
+    return {**counts, **stats, "bad_lines": bad.summary(), "out_dir": str(out)}

@@ -1,0 +1,131 @@
+"""SFT export -> verl's real MultiTurnSFTDataset (loss mask: information/tool tokens 0, assistant tokens 1), the
+DeepSpeed runner's labels (same tokens and mask as verl's path), and every SFT recipe composing with both backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from envs.prompts import information_block, qa_messages
+from envs.rollout import Segment, transcript_messages
+from masksearch_rl.jsonl import write_jsonl
+from masksearch_rl.sft.export import export_sft
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_CONFIGS = REPO / "recipes" / "configs" / "sft"
+RECIPES = sorted(f"{p.parent.name}/{p.stem}" for p in SFT_CONFIGS.glob("stage*/*.yaml"))
+
+
+def _record(i: int, keep: bool = True, answer: str = "Paris") -> dict:
+    segments = [Segment("policy", f"<think> need fact {i} </think>\n<search> query {i} </search>"),
+                Segment("info", information_block(f"Doc 1 (Title: T{i}) secret fact {i} is {answer}.")),
+                Segment("policy", f"<think> found it </think>\n<answer> {answer} </answer>")]
+    return {"id": f"r{i}", "keep": keep, "data_source": "ramp",
+            "messages": qa_messages(f"Question {i}?") + transcript_messages(segments)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [m["content"] for i in range(20) for m in _record(i)["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    first = [_record(i) for i in range(6)] + [_record(90, keep=False)]
+    second = [_record(3), _record(7, answer="Paris")] + [{**_record(8), "id": "r0"}]  # id dup, content dup, new
+    second.append({**_record(0), "id": "copy-of-r0"})  # same messages as r0 under another id
+    write_jsonl(root / "a.jsonl", first)
+    write_jsonl(root / "b.jsonl", second)
+    summary = export_sft([root / "a.jsonl", root / "b.jsonl"], root / "out", val_fraction=0.25, seed=0)
+    return root / "out", summary
+
+
+def test_export_keeps_dedupes_and_splits(parquet):
+    out, summary = parquet
+    assert summary["not_kept"] == 1 and summary["duplicates"] == 3
+    train, val = pd.read_parquet(out / "train.parquet"), pd.read_parquet(out / "val.parquet")
+    ids = sorted(list(train["id"]) + list(val["id"]))
+    assert ids == sorted([*(f"r{i}" for i in range(6)), "r7"]) and len(val) == 2 == summary["val"]
+
+
+def test_multiturn_sft_dataset_masks_information(parquet, tokenizer):
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+
+    out, _ = parquet
+    dataset = MultiTurnSFTDataset(str(out / "train.parquet"), tokenizer,
+                                  {"max_length": 512, "pad_mode": "right", "truncation": "error"})
+    for index in range(len(dataset)):
+        item = dataset[index]
+        ids, mask = item["input_ids"][item["attention_mask"].bool()], item["loss_mask"][item["attention_mask"].bool()]
+        trained = tokenizer.decode(ids[mask.bool()])
+        masked = tokenizer.decode(ids[~mask.bool()])
+        assert "<search>" in trained and "<answer>" in trained and "<think>" in trained
+        assert "<information>" not in trained and "secret fact" not in trained and "Question" not in trained
+        assert "<information>" in masked and "secret fact" in masked
+
+
+def test_deepspeed_runner_labels_equal_verl_mask(parquet, tokenizer):
+    import torch
+    from omegaconf import OmegaConf
+
+    from masksearch_rl.sft.deepspeed_runner import IGNORE_INDEX, build_datasets, pad_collate
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+
+    out, _ = parquet
+    config = _compose("stage1_ramp/qwen2.5-1.5b_8gpu", ["sft_backend=deepspeed", f"data.train_files={out}/train.parquet",
+                                                        f"data.val_files={out}/val.parquet", "data.max_length=512"])
+    train, val = build_datasets(config, tokenizer)
+    reference = MultiTurnSFTDataset(str(out / "train.parquet"), tokenizer,
+                                    OmegaConf.merge(config.data, {"pad_mode": "no_padding"}))
+    assert len(train) == len(reference) and len(val) == 2
+    for index in range(len(train)):
+        ours, theirs = train[index], reference[index]
+        assert torch.equal(ours["input_ids"], theirs["input_ids"])
+        assert torch.equal(ours["labels"] != IGNORE_INDEX, theirs["loss_mask"].bool())
+    batch = pad_collate(tokenizer.pad_token_id)([train[0], train[1]])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+
+
+def _compose(recipe: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    group, name = recipe.split("/")
+    with initialize_config_dir(config_dir=str(SFT_CONFIGS / group), version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_recipes_compose_and_convert(recipe, backend):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from masksearch_rl.sft.deepspeed_runner import resolve_deepspeed_config, training_arguments
+
+    assert len(RECIPES) == 6
+    config = _compose(recipe, [f"sft_backend={backend}"])
+    assert config.masksearch_sft.backend == backend and config.data.messages_key == "messages"
+    assert config.data.train_files.endswith("train.parquet")
+    omega_conf_to_dataclass(config.optim)  # verl's own validation of the optimizer section
+    omega_conf_to_dataclass(config.engine)
+    args = training_arguments(config, world_size=8)
+    assert args["gradient_accumulation_steps"] * 8 * args["per_device_train_batch_size"] == config.data.train_batch_size
+    if backend == "deepspeed":
+        assert Path(resolve_deepspeed_config(config.masksearch_sft.deepspeed_config)).name == "zero3.json"
+    else:
+        assert "deepspeed" not in args
