@@ -7,6 +7,10 @@ and, as an ablation, that same per-query loop over our retriever. A closed-loop 
 concurrent clients (each sends one single-query request, waits for the answer, sends the next — as agents in an RL
 rollout do) measures throughput and p50/p99 latency at each C, and the script prints our/baseline ratios.
 
+Our server runs ``--workers`` processes on one port. With 4 or more cores the load generator (several processes,
+keep-alive connections, request bodies encoded once) and the servers are pinned to disjoint cores, printed at the
+start; on fewer they share the cores, and the figures then measure the two competing for them as well.
+
     python benchmarks/retrieval.py --passages 100000 1000000      # the figures in docs/benchmarks.md
     python benchmarks/retrieval.py --quick                         # 20k passages, a smoke run
 """
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -76,38 +82,106 @@ def load_queries(world: Path, limit: int = 5000) -> list[str]:
     return queries[:limit]
 
 
-async def closed_loop(url: str, queries: list[str], clients: int, requests: int, topk: int,
-                      time_limit_s: float) -> dict:
-    """``clients`` workers share ``requests`` single-query requests; returns throughput and latency percentiles."""
-    latencies: list[float] = []
-    errors = 0
-    next_request = 0
-    deadline = time.monotonic() + time_limit_s
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+def plan_cpus(client_cores: int | None) -> tuple[set[int] | None, set[int] | None]:
+    """Disjoint core sets ``(load generator, server)``, or ``(None, None)`` when there are too few cores to split.
 
-        async def worker() -> None:
-            nonlocal next_request, errors
-            while next_request < requests and time.monotonic() < deadline:
-                query = queries[next_request % len(queries)]
-                next_request += 1
-                started = time.perf_counter()
+    Why: on a shared machine the load generator's HTTP client costs about as much CPU per request as the server,
+    so the two fight over cores and the figures measure that fight. With 4 or more cores, a quarter (at least one)
+    goes to the load generator by default and the rest to the server, each pinned with ``sched_setaffinity``.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 4 and not client_cores:
+        return None, None
+    count = client_cores or max(1, len(available) // 4)
+    if not 0 < count < len(available):
+        raise ValueError(f"--client-cores {count}: the machine has {len(available)} usable cores")
+    return set(available[:count]), set(available[count:])
+
+
+def _load_process(url: str, bodies: list[bytes], clients: int, requests: int, time_limit_s: float, cpus,
+                  start, results) -> None:
+    """One load-generator process: ``clients`` closed-loop clients over keep-alive connections, one event loop.
+
+    Each client first sends one untimed request (its connection is opened then), all processes meet at ``start``,
+    then the clients share ``requests`` timed requests. Puts ``(latencies_s, errors, t0, t1, cpu_s)`` on ``results``.
+    """
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    headers = {"Content-Type": "application/json"}
+
+    async def run() -> tuple:
+        latencies: list[float] = []
+        errors = 0
+        issued = 0
+        connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+
+            async def post(body: bytes) -> bool:
                 try:
-                    async with session.post(
-                        url + "/retrieve", json={"queries": [query], "topk": topk, "return_scores": True}
-                    ) as response:
+                    async with session.post(url + "/retrieve", data=body) as response:
                         await response.read()
-                        if response.status != 200:
-                            errors += 1
-                            continue
-                except aiohttp.ClientError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
+                        return response.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return False
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - started
+            await asyncio.gather(*(post(bodies[i % len(bodies)]) for i in range(clients)))  # open connections
+            await asyncio.get_running_loop().run_in_executor(None, start.wait)
+            deadline = time.monotonic() + time_limit_s
+
+            async def client() -> None:
+                nonlocal issued, errors
+                while issued < requests and time.monotonic() < deadline:
+                    body = bodies[issued % len(bodies)]
+                    issued += 1
+                    began = time.perf_counter()
+                    if await post(body):
+                        latencies.append(time.perf_counter() - began)
+                    else:
+                        errors += 1
+
+            cpu0, t0 = time.process_time(), time.time()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            return latencies, errors, t0, time.time(), time.process_time() - cpu0
+
+    results.put(asyncio.run(run()))
+
+
+def closed_loop(url: str, queries: list[str], clients: int, requests: int, topk: int, time_limit_s: float,
+                cpus: set[int] | None = None, processes: int = 1) -> dict:
+    """``clients`` closed-loop clients over ``processes`` load-generator processes share ``requests`` requests.
+
+    Each client sends one single-query request, waits for the answer, sends the next (an agent's traffic).
+    Request bodies are encoded once up front, connections are kept alive, and several processes keep the load
+    generator from being the bottleneck; ``client_cpu`` reports how busy they were (1.0 = one core each, saturated).
+    """
+    processes = max(1, min(processes, clients))
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(processes + 1), context.Queue()
+    procs = []
+    for p in range(processes):
+        share = clients // processes + (p < clients % processes)
+        offset = p * len(queries) // processes  # processes do not all send the same queries at once
+        bodies = [json.dumps({"queries": [q], "topk": topk, "return_scores": True}).encode()
+                  for q in queries[offset:] + queries[:offset]]
+        proc = context.Process(target=_load_process, daemon=True,
+                               args=(url, bodies, share, requests * share // clients, time_limit_s, cpus, start,
+                                     results))
+        proc.start()
+        procs.append(proc)
+    start.wait(timeout=120)
+    parts = [results.get(timeout=time_limit_s + 120) for _ in procs]
+    for proc in procs:
+        proc.join()
+    latencies = [x for part in parts for x in part[0]]
+    errors = sum(part[1] for part in parts)
+    wall = max(part[3] for part in parts) - min(part[2] for part in parts)
     lat_ms = np.asarray(latencies) * 1000 if latencies else np.asarray([float("nan")])
     return {
         "clients": clients,
@@ -116,20 +190,32 @@ async def closed_loop(url: str, queries: list[str], clients: int, requests: int,
         "qps": round(len(latencies) / wall, 1),
         "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
         "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
+        "load_processes": processes,
+        "client_cpu": round(sum(part[4] for part in parts) / wall / processes, 2),
     }
 
 
 def measure(server: ServerProcess, queries: list[str], concurrency: list[int], requests: int, topk: int,
-            time_limit_s: float) -> list[dict]:
-    # Warm-up: JIT kernels, page cache of the memory-mapped index, connection set-up.
-    asyncio.run(closed_loop(server.url, queries[::-1], 8, 200, topk, 60))
+            time_limit_s: float, cpus: set[int] | None, processes: int) -> list[dict]:
+    # Warm-up: JIT kernels, page cache of the memory-mapped index, every worker's first requests.
+    closed_loop(server.url, queries[::-1], 16, min(400, requests), topk, 60, cpus, processes)
     rows = []
     for clients in concurrency:
-        row = asyncio.run(closed_loop(server.url, queries, clients, max(requests, 20 * clients), topk, time_limit_s))
+        row = closed_loop(server.url, queries, clients, max(requests, 20 * clients), topk, time_limit_s, cpus,
+                          processes)
         print(f"  {server.name:9s} C={clients:3d}  {row['qps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-              f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}")
+              f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  (load gen: {row['load_processes']} proc, "
+              f"{row['client_cpu']:.2f} core each)", flush=True)
         rows.append(row)
     return rows
+
+
+def _cores(cpus: set[int] | None) -> str:
+    if not cpus:
+        return "all (not pinned)"
+    ordered = sorted(cpus)
+    return f"{len(ordered)} cores {ordered[0]}-{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) \
+        else f"{len(ordered)} cores {ordered}"
 
 
 def main() -> None:
@@ -146,38 +232,68 @@ def main() -> None:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="skip the per-query-loop server over our retriever")
     parser.add_argument("--quick", action="store_true", help="20k passages, fewer requests (smoke run)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes for ours (default: one per server core, at most 16)")
+    parser.add_argument("--client-cores", type=int, default=None,
+                        help="cores pinned to the load generator (default: a quarter when the machine has >= 4)")
+    parser.add_argument("--load-processes", type=int, default=None,
+                        help="load-generator processes (default: one per load-generator core)")
+    parser.add_argument("--baseline-time-limit", type=float, default=None, help="seconds per baseline level at most")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="measure our server only")
     args = parser.parse_args()
     if args.quick:
         args.passages, args.requests, args.baseline_requests = [20_000], 1000, 300
 
-    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    # bm25s probes JAX at import; on a GPU machine with a CUDA jaxlib each server process would grab GPU memory.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    client_cpus, server_cpus = plan_cpus(args.client_cores)
+    usable = len(server_cpus or os.sched_getaffinity(0))
+    workers = args.workers or max(1, min(16, usable))
+    processes = args.load_processes or max(1, len(client_cpus or os.sched_getaffinity(0)))
+    print(f"machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}); "
+          f"python {sys.version.split()[0]}")
+    print(f"server: {_cores(server_cpus)}, {workers} worker(s); load generator: {_cores(client_cpus)}, "
+          f"up to {processes} process(es)")
     results = []
     for passages in args.passages:
         print(f"\n== {passages:,} passages")
         built = build_world_and_index(args.work_dir, passages, args.seed)
-        print(f"  build: {json.dumps({k: v for k, v in built.items() if k not in ('world', 'index')})}")
+        print(f"\n  build: {json.dumps({k: v for k, v in built.items() if k not in ('world', 'index')})}")
         queries = load_queries(Path(built["world"]))
-        ours_cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", built["index"]]
+        ours_cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", built["index"],
+                    "--workers", str(workers)]
         base_cmd = [sys.executable, str(ROOT / "benchmarks" / "searchr1_baseline.py"), "--index", built["index"]]
-        with ServerProcess(ours_cmd, "ours", cwd=ROOT) as server:
-            ours = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit)
-        with ServerProcess(base_cmd, "baseline", cwd=ROOT) as server:
-            base = measure(server, queries, args.concurrency, args.baseline_requests, args.topk, args.time_limit)
+        load = {"cpus": client_cpus, "processes": processes}
+        logs = {name: open(args.work_dir / f"server-{name}-{passages}.log", "w")  # why a server failed to start
+                for name in ("ours", "baseline", "loop")}
+        with ServerProcess(ours_cmd, "ours", cwd=ROOT, cpus=server_cpus, log=logs["ours"]) as server:
+            ours = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit, **load)
+        base = [{"qps": float("nan"), "p99_ms": float("nan")} for _ in ours]
+        if args.baseline:
+            with ServerProcess(base_cmd, "baseline", cwd=ROOT, cpus=server_cpus, log=logs["baseline"]) as server:
+                base = measure(server, queries, args.concurrency, args.baseline_requests, args.topk,
+                               args.baseline_time_limit or args.time_limit, **load)
         ablation = None
         if args.ablation:  # the baseline's per-query loop over OUR retriever: kernel gain vs batching gain
-            with ServerProcess(base_cmd + ["--engine", "ours"], "loop+ours", cwd=ROOT) as server:
-                ablation = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit)
+            with ServerProcess(base_cmd + ["--engine", "ours"], "loop+ours", cwd=ROOT, cpus=server_cpus,
+                               log=logs["loop"]) as server:
+                ablation = measure(server, queries, args.concurrency, args.requests, args.topk, args.time_limit,
+                                   **load)
         print(f"  {'C':>3s} {'ours req/s':>11s} {'base req/s':>11s} {'ratio':>7s} {'ours p99':>9s} {'base p99':>9s}"
               + ("  loop+ours req/s" if ablation else ""))
         for i, (o, b) in enumerate(zip(ours, base)):
-            ratio = o["qps"] / b["qps"] if b["qps"] else float("inf")
+            ratio = o["qps"] / b["qps"] if b["qps"] else float("nan")
             extra = f"  {ablation[i]['qps']:15.1f}" if ablation else ""
             print(f"  {o['clients']:3d} {o['qps']:11.1f} {b['qps']:11.1f} {ratio:6.1f}x {o['p99_ms']:8.1f}ms "
                   f"{b['p99_ms']:8.1f}ms{extra}")
             o["ratio_vs_baseline"] = round(ratio, 1)
-        results.append({"build": built, "ours": ours, "baseline": base, "loop_with_our_retriever": ablation})
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        for handle in logs.values():
+            handle.close()
+        results.append({"build": built, "ours": ours, "baseline": base, "loop_with_our_retriever": ablation,
+                        "server_cpus": sorted(server_cpus or []), "client_cpus": sorted(client_cpus or []),
+                        "workers": workers})
+        if args.out:  # after each size: a run cut short keeps what it measured
+            args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

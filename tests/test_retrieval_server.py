@@ -492,3 +492,131 @@ async def test_make_backend_local_loads_index(bm25_index):
     finally:
         await backend.aclose()
     assert hits[0][0].id == "p6"
+
+
+# ------------------------------------------------------------------------------------------- request parsing
+def test_malformed_json_and_non_object_bodies_get_422(server_url):
+    bad_json = httpx.post(f"{server_url}/retrieve", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 422 and bad_json.json()["errors"][0]["field"] == "body"
+    not_object = httpx.post(f"{server_url}/retrieve", json=["topic1"])
+    assert not_object.status_code == 422 and "valid dictionary" in not_object.json()["detail"]
+    fractional = httpx.post(f"{server_url}/retrieve", json={"queries": ["x"], "topk": 2.5})
+    assert fractional.status_code == 422 and "topk: " in fractional.json()["detail"]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from masksearch_rl.retrieval.server import InvalidRequest, parse_retrieve_request  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 100) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    queries=st.one_of(st.lists(st.text(max_size=14), max_size=6), _json_values),
+    topk=st.one_of(st.none(), st.integers(-3, 12), _json_values),
+    return_scores=st.one_of(st.booleans(), _json_values),
+    drop=st.sets(st.sampled_from(["queries", "topk", "return_scores"])),
+)
+def test_parse_retrieve_request_accepts_exactly_the_schema(queries, topk, return_scores, drop):
+    import json
+
+    config = ServerConfig(max_topk=10, max_query_chars=12, max_batch=5, default_topk=3)
+    fields = {"queries": queries, "topk": topk, "return_scores": return_scores}
+    body = {k: v for k, v in fields.items() if k not in drop}
+    valid = (
+        "queries" in body and isinstance(queries, list) and 1 <= len(queries) <= 5
+        and all(isinstance(q, str) and len(q) <= 12 for q in queries)
+        and ("topk" not in body or topk is None
+             or (not isinstance(topk, bool) and isinstance(topk, (int, float)) and float(topk).is_integer()
+                 and 1 <= topk <= 10))
+        and ("return_scores" not in body or isinstance(return_scores, bool))
+    )
+    try:
+        parsed_queries, parsed_topk, parsed_scores = parse_retrieve_request(json.dumps(body).encode(), config)
+    except InvalidRequest as err:
+        assert not valid, (body, err.errors)
+        assert err.errors and all(e["field"] and e["msg"] and e["type"] for e in err.errors)
+        assert str(err) == "; ".join(f"{e['field']}: {e['msg']}" for e in err.errors)
+        return
+    assert valid, body
+    assert parsed_queries == queries
+    assert parsed_topk == (3 if body.get("topk") is None else int(topk)) and isinstance(parsed_topk, int)
+    assert parsed_scores is body.get("return_scores", False)
+
+
+# ---------------------------------------------------------------------------------------------- several workers
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"serve did not come up:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split(") ")[-1].startswith("Z"))  # a zombie is gone
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="several workers need SO_REUSEPORT")
+def test_serve_with_workers_shares_the_port_answers_identically_and_stops_all(bm25_index, tmp_path):
+    """``serve --workers 2``: both processes answer on one port with the single-process results; SIGTERM stops all."""
+    index = _index_module()
+    expected = index.load_index(bm25_index).search(["glacier", "the orchid and the penguin", ""], 3)
+    port = free_dead_port()
+    script = (
+        "import typer\n"
+        "from masksearch_rl.retrieval import serve_cli\n"
+        "app = typer.Typer()\n"
+        "app.callback()(lambda: None)\n"
+        "serve_cli.register(app)\n"
+        "app()\n"
+    )
+    args = [sys.executable, "-c", script, "serve", "--index", str(bm25_index), "--port", str(port), "--workers", "2"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(args, stderr=handle, stdout=handle)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        pids = set()
+        for _ in range(40):  # a fresh connection each time: the kernel spreads them over the workers
+            pids.add(httpx.get(f"{url}/health").json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2 and proc.pid not in pids, pids
+        body = {"queries": ["glacier", "the orchid and the penguin", ""], "topk": 3, "return_scores": True}
+        for _ in range(6):
+            result = httpx.post(f"{url}/retrieve", json=body, timeout=60).json()["result"]
+            assert [[(h["document"]["id"], h["document"]["contents"], h["score"]) for h in hits] for hits in result] \
+                == [[(h.id, h.contents, h.score) for h in hits] for hits in expected]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"serve --workers did not exit on SIGTERM:\n{log.read_text()}") from None
+    assert code == 0, log.read_text()
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_pid_alive(pid) for pid in pids), f"workers {pids} outlived the supervisor"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)

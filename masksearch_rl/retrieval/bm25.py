@@ -326,7 +326,7 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
 
     n_queries = query_ptr.shape[0] - 1
     n_slices = acc.shape[0]
-    dense_from = acc.shape[1] // 8
+    dense_from = acc.shape[1] // 256
     for s in prange(n_slices):
         scores, flags, reached = acc[s], seen[s], touched[s]
         for q in range(s, n_queries, n_slices):
@@ -378,19 +378,37 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
             u = 0
             theta = 0.0
             pruning = dense = False
+            size = 0  # of the top-k heap
             while u < n_terms:
                 term, repeat = terms[u], repeats[u]
                 start, end = indptr[term], indptr[term + 1]
                 too_many = n_reached + end - start > dense_from
-                if can_prune and u > 0 and n_reached >= k and (too_many or left[u] > n_reached):  # worth a check
+                if can_prune and u > 0 and n_reached >= k and (too_many or 2 * left[u] > n_reached):  # worth a check
                     theta = kth_best(heap_scores, heap_rows, reached, n_reached, scores)
                     if theta * (1 - margin) > rest[u] * (1 + margin):
                         pruning = True
                         break
+                weight = np.float32(repeat)
+                if u == n_terms - 1:
+                    # The last term: a passage it reaches first has its final score right away, so it goes
+                    # straight to the heap, without bookkeeping; passages reached before just get the weight.
+                    for j in range(start, end):
+                        doc = indices[j]
+                        matched = flags[doc]
+                        if matched > 0:
+                            scores[doc] += weight * data[j]
+                            flags[doc] = min(matched + repeat, 3)
+                        else:
+                            score = data[j]
+                            for _ in range(repeat - 1):  # as bm25s adds a repeated term: one at a time
+                                score += data[j]
+                            if score > 0 and (size < k or worse(heap_scores[0], heap_rows[0], score, doc)):
+                                size = offer(heap_scores, heap_rows, size, score, doc)
+                    u += 1
+                    break
                 if too_many:
                     dense = True
                     break
-                weight = np.float32(repeat)
                 for j in range(start, end):
                     doc = indices[j]
                     matched = flags[doc]
@@ -444,27 +462,39 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
                         theta = max(theta, kth_best(heap_scores, heap_rows, reached, n_reached, scores))
                         n_reached = keep_candidates(reached, n_reached, scores, flags, rest[u], theta, margin)
 
-                # Selection; resets the scratch entries used.
-                cut = 0.0
-                if not in_query_order and n_reached > k:
-                    # Sums in another order than bm25s' may differ in the last bits (only with 3 or more terms
-                    # matched): find the k-th best roughly, then redo those near or above it in query order.
-                    cut = kth_best(heap_scores, heap_rows, reached, n_reached, scores) * (1 - margin)
-                size = 0
+                # Selection; resets the scratch entries used. Sums in another order than bm25s' can differ in the
+                # last bits only for passages matching 3 or more query terms: those are set aside (at the front of
+                # ``reached``, behind the read position) and redone in query order if they may make the top k.
+                n_redo = 0
                 for i in range(n_reached):
                     doc = reached[i]
                     score = scores[doc]
-                    matched = flags[doc]
+                    if not in_query_order and flags[doc] >= 3 and score > 0:
+                        reached[n_redo] = doc
+                        n_redo += 1
+                        continue
                     scores[doc] = 0
                     flags[doc] = 0
-                    if not score > 0:
-                        continue
-                    if not in_query_order and matched >= 3:
-                        if score < cut:
-                            continue
-                        score = exact_score(first, last, doc)
-                    if size < k or worse(heap_scores[0], heap_rows[0], score, doc):
+                    if score > 0 and (size < k or worse(heap_scores[0], heap_rows[0], score, doc)):
                         size = offer(heap_scores, heap_rows, size, score, doc)
+                if n_redo > 0:
+                    bar = 0.0  # below it a passage cannot make the top k, whatever its last bits
+                    if size == k:
+                        bar = heap_scores[0]
+                    if n_redo > k:
+                        redo_scores = np.empty(k, dtype=np.float32)
+                        redo_rows = np.empty(k, dtype=np.int64)
+                        bar = max(bar, kth_best(redo_scores, redo_rows, reached, n_redo, scores))
+                    bar *= 1 - margin
+                    for i in range(n_redo):
+                        doc = reached[i]
+                        score = scores[doc]
+                        scores[doc] = 0
+                        flags[doc] = 0
+                        if score >= bar:
+                            score = exact_score(first, last, doc)
+                            if size < k or worse(heap_scores[0], heap_rows[0], score, doc):
+                                size = offer(heap_scores, heap_rows, size, score, doc)
             out_counts[q] = size
             # Heap sort in place: move the worst entry to the end, repeatedly, leaving the best first.
             for end in range(size - 1, 0, -1):

@@ -5,6 +5,8 @@ Example::
     masksearch-rl serve --index runs/index/wiki-bm25 --port 8000 --token-env RETRIEVAL_TOKEN
     curl -s localhost:8000/retrieve -H "Authorization: Bearer $RETRIEVAL_TOKEN" \\
          -H "Content-Type: application/json" -d '{"queries": ["who wrote hamlet"], "topk": 3, "return_scores": true}'
+
+    masksearch-rl serve --index runs/index/wiki-bm25 --workers 8   # 8 processes on one port, one shared mmap
 """
 
 from __future__ import annotations
@@ -30,9 +32,21 @@ def register(app: typer.Typer) -> None:
         max_query_chars: int = typer.Option(2048, "--max-query-chars", help="Longest query accepted."),
         max_batch: int = typer.Option(64, "--max-batch", help="Most queries per retriever call (and per request)."),
         batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a batch waits for company."),
+        workers: int = typer.Option(
+            1, "--workers", min=1, help="Server processes on the port (SO_REUSEPORT), each mapping the same index."
+        ),
+        threads_per_worker: int | None = typer.Option(
+            None, "--threads-per-worker", min=1, help="Search threads per worker (default: usable cores / workers)."
+        ),
     ) -> None:
         """Serve an index over HTTP with micro-batching across concurrent requests."""
-        from masksearch_rl.retrieval.server import ServerConfig, read_token, run_server
+        import os
+
+        from masksearch_rl.retrieval.server import ServerConfig, read_token, run_server, serve_workers
+
+        # bm25s probes JAX at import (a top_k call); with a CUDA jaxlib that preallocates 75% of the GPU's memory
+        # in every server process (seen on a 1-GPU machine: 12 workers -> out of memory). Serving needs no JAX GPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
         if not index.is_dir():
             raise typer.BadParameter(f"{index} is not a directory", param_hint="--index")
@@ -54,5 +68,10 @@ def register(app: typer.Typer) -> None:
             config.index_kind = read_manifest(index)["kind"]
         except (OSError, ValueError) as err:
             raise typer.BadParameter(str(err), param_hint="--index") from err
-        retriever = load_index(index)
+        if workers > 1:
+            code = serve_workers(index, config, host=host, port=port, workers=workers,
+                                 threads_per_worker=threads_per_worker)
+            raise typer.Exit(code)
+        sparse = config.index_kind in ("bm25", "hybrid")
+        retriever = load_index(index, **({"n_threads": threads_per_worker} if threads_per_worker and sparse else {}))
         run_server(retriever, config, host=host, port=port)

@@ -8,29 +8,39 @@ Request: ``{"queries": [str, ...], "topk": int (optional), "return_scores": bool
 Response: ``{"result": [[hit, ...] per query]}`` where, as in Search-R1, a hit is
 ``{"document": {"id", "contents"}, "score": float}`` when ``return_scores`` is true and the bare document
 ``{"id", "contents"}`` when it is false.
+
+Scaling out: ``serve --workers N`` (:func:`serve_workers`) runs N server processes on one port (SO_REUSEPORT: the
+kernel spreads connections over them). Each memory-maps the same index files, so the page cache holds one copy;
+each warms up before it listens, and the port answers only once all N are ready.
 """
 
-# No ``from __future__ import annotations`` here: FastAPI reads the endpoint's annotations at runtime, and the
-# request model is built inside create_app (its limits come from the config), so it must be a real object.
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import logging
+import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
+import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, StringConstraints
+import orjson
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
 
 from masksearch_rl.retrieval.batching import BatcherClosed, MicroBatcher
-from masksearch_rl.retrieval.types import Hit, Retriever
+from masksearch_rl.retrieval.types import Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -67,37 +77,86 @@ def read_token(token_env: str | None) -> str | None:
     return token
 
 
-def _request_model(config: ServerConfig) -> type[BaseModel]:
-    """The request schema with this server's limits baked in, so pydantic reports the field and the limit."""
-    # An empty query is allowed (as in Search-R1): an agent's empty <search></search> gets no hits, not an error.
-    query = Annotated[StrictStr, StringConstraints(max_length=config.max_query_chars)]
+# ------------------------------------------------------------------------------------------- request validation
+class InvalidRequest(ValueError):
+    """A ``/retrieve`` body that breaks the schema; ``errors`` holds one ``{field, msg, type}`` per problem."""
 
-    class RetrieveRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        queries: list[query] = Field(min_length=1, max_length=config.max_batch)
-        topk: int | None = Field(default=None, ge=1, le=config.max_topk)
-        return_scores: StrictBool = False
-
-    return RetrieveRequest
+    def __init__(self, errors: list[dict[str, str]]):
+        super().__init__("; ".join(f"{e['field']}: {e['msg']}" for e in errors))
+        self.errors = errors
 
 
-def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with one readable line per problem (``queries.3: String should have at most 2048 characters``).
+def parse_retrieve_request(body: bytes, config: ServerConfig) -> tuple[list[str], int, bool]:
+    """``(queries, topk, return_scores)`` of a ``/retrieve`` body, or :class:`InvalidRequest` listing every problem.
 
-    The offending input is not echoed back: a rejected query can be megabytes long.
+    Why by hand, not a pydantic model: building a model per request was a large share of the server's CPU per
+    request, and the schema is three fields. The messages follow pydantic's wording (field and limit named);
+    unknown fields are ignored. An empty query string is allowed (as in Search-R1): an agent's empty
+    ``<search></search>`` gets no hits, not an error.
     """
-    errors = []
-    for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        errors.append({"field": ".".join(loc) or "body", "msg": error.get("msg", ""), "type": error.get("type", "")})
-    detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
-    return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise InvalidRequest([{"field": "body", "msg": f"JSON decode error: {err}", "type": "json_invalid"}]) from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest([{"field": "body", "type": "model_attributes_type",
+                               "msg": "Input should be a valid dictionary or object to extract fields from"}])
+    errors: list[dict[str, str]] = []
+    queries = payload.get("queries")
+    if queries is None and "queries" not in payload:
+        errors.append({"field": "queries", "msg": "Field required", "type": "missing"})
+    elif not isinstance(queries, list):
+        errors.append({"field": "queries", "msg": "Input should be a valid list", "type": "list_type"})
+    elif not queries:
+        errors.append({"field": "queries", "msg": "List should have at least 1 item after validation, not 0",
+                       "type": "too_short"})
+    elif len(queries) > config.max_batch:
+        errors.append({"field": "queries", "type": "too_long", "msg": f"List should have at most {config.max_batch} "
+                                                                      f"items after validation, not {len(queries)}"})
+    else:
+        limit = config.max_query_chars
+        for i, query in enumerate(queries):
+            if type(query) is not str:
+                errors.append({"field": f"queries.{i}", "msg": "Input should be a valid string", "type": "string_type"})
+            elif len(query) > limit:
+                errors.append({"field": f"queries.{i}", "msg": f"String should have at most {limit} characters",
+                               "type": "string_too_long"})
+    topk = payload.get("topk")
+    if topk is None:
+        topk = config.default_topk
+    elif isinstance(topk, bool) or not isinstance(topk, (int, float)):
+        errors.append({"field": "topk", "msg": "Input should be a valid integer", "type": "int_type"})
+    elif isinstance(topk, float) and not (math.isfinite(topk) and topk.is_integer()):
+        errors.append({"field": "topk", "msg": "Input should be a valid integer, got a number with a fractional part",
+                       "type": "int_from_float"})
+    elif topk < 1:
+        errors.append({"field": "topk", "msg": "Input should be greater than or equal to 1",
+                       "type": "greater_than_equal"})
+    elif topk > config.max_topk:
+        errors.append({"field": "topk", "msg": f"Input should be less than or equal to {config.max_topk}",
+                       "type": "less_than_equal"})
+    return_scores = payload.get("return_scores", False)
+    if type(return_scores) is not bool:
+        errors.append({"field": "return_scores", "msg": "Input should be a valid boolean", "type": "bool_type"})
+    if errors:
+        raise InvalidRequest(errors)
+    return queries, int(topk), return_scores
+
+
+def _json(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
 
 
 def create_app(retriever: Retriever, config: ServerConfig | None = None) -> FastAPI:
-    """A FastAPI app serving ``retriever``; the micro-batcher starts and drains with the app's lifespan."""
+    """A FastAPI app serving ``retriever``; the micro-batcher starts and drains with the app's lifespan.
+
+    ``/retrieve`` is a plain Starlette route (body parsed with orjson and checked by
+    :func:`parse_retrieve_request`, response encoded with orjson): the hot path skips FastAPI's dependency and
+    model machinery, which cost more CPU per request than the BM25 search itself.
+    """
     config = config or ServerConfig()
     token = read_token(config.token_env)
+    expected_auth = f"bearer {token}".encode() if token is not None else None
     batcher = MicroBatcher(retriever.search, max_batch=config.max_batch, wait_ms=config.batch_wait_ms)
     index_kind = config.index_kind or getattr(retriever, "kind", None) or type(retriever).__name__
     started = time.time()
@@ -108,7 +167,7 @@ def create_app(retriever: Retriever, config: ServerConfig | None = None) -> Fast
         # memory-mapped index load now, not inside a client's first request (which could time out).
         await asyncio.to_thread(retriever.search, ["warm up"], 1)
         await batcher.start()
-        logger.info("retrieval server ready: %d passages, index %s", len(retriever), index_kind)
+        logger.info("retrieval server ready: %d passages, index %s, pid %d", len(retriever), index_kind, os.getpid())
         try:
             yield
         finally:
@@ -116,61 +175,57 @@ def create_app(retriever: Retriever, config: ServerConfig | None = None) -> Fast
             logger.info("retrieval server drained: %s", dict(batcher.stats))
 
     app = FastAPI(title="MaskSearch-RL retrieval server", lifespan=lifespan)
-    app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.batcher = batcher
     app.state.config = config
-    RetrieveRequest = _request_model(config)
 
-    async def check_token(request: Request) -> None:
-        if token is None:
-            return
-        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(supplied.strip().encode(), token.encode()):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    def authorized(request: Request) -> bool:
+        if expected_auth is None:
+            return True
+        supplied = request.headers.get("authorization", "").strip().encode()
+        scheme, _, value = supplied.partition(b" ")
+        return secrets.compare_digest(scheme.lower() + b" " + value.strip(), expected_auth)
 
-    @app.post("/retrieve", dependencies=[Depends(check_token)])
-    async def retrieve(body: RetrieveRequest) -> JSONResponse:  # type: ignore[valid-type]
-        topk = body.topk or config.default_topk
+    async def retrieve(request: Request) -> Response:
+        if not authorized(request):
+            return _json(401, {"detail": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"},
+                         headers={"WWW-Authenticate": "Bearer"})
         try:
-            results = await batcher.search(body.queries, topk)
+            queries, topk, return_scores = parse_retrieve_request(await request.body(), config)
+        except InvalidRequest as err:
+            # One readable line per problem; the offending input is not echoed back (a query can be megabytes).
+            return _json(422, {"detail": str(err), "errors": err.errors})
+        try:
+            results = await batcher.search(queries, topk)
         except BatcherClosed as err:
-            return JSONResponse(status_code=503, content={"detail": str(err)})
+            return _json(503, {"detail": str(err)})
         except Exception as err:  # noqa: BLE001 - the caller gets the cause, the server keeps serving
-            logger.exception("retrieval failed for %d queries", len(body.queries))
-            return JSONResponse(
-                status_code=500, content={"detail": f"retriever failed: {type(err).__name__}: {err}"}
-            )
-        if body.return_scores:
-            payload = [[_scored(hit) for hit in hits] for hits in results]
+            logger.exception("retrieval failed for %d queries", len(queries))
+            return _json(500, {"detail": f"retriever failed: {type(err).__name__}: {err}"})
+        if return_scores:
+            payload = [[{"document": {"id": hit.id, "contents": hit.contents}, "score": float(hit.score)}
+                        for hit in hits] for hits in results]
         else:
-            payload = [[hit.to_search_r1(return_score=False)["document"] for hit in hits] for hits in results]
-        return JSONResponse({"result": payload})
+            payload = [[{"id": hit.id, "contents": hit.contents} for hit in hits] for hits in results]
+        return Response(orjson.dumps({"result": payload}), media_type="application/json")
+
+    app.add_route("/retrieve", retrieve, methods=["POST"])
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Response:
         # Open without a token so load balancers and launch scripts can probe readiness; it reveals no passages.
-        return {
+        return _json(200, {
             "status": "ok",
             "num_passages": len(retriever),
             "index_kind": index_kind,
+            "pid": os.getpid(),  # which worker answered, with ``serve --workers N``
             "queue_depth": batcher.queue_depth,
             "in_flight": batcher.in_flight,
             "served": {key: batcher.stats[key] for key in ("requests", "queries", "batches", "errors")},
             "uptime_s": round(time.time() - started, 3),
             "limits": {k: v for k, v in asdict(config).items() if k not in ("token_env", "index_kind")},
-        }
+        })
 
     return app
-
-
-def _scored(hit: Hit) -> dict[str, Any]:
-    record = hit.to_search_r1(return_score=True)
-    record["score"] = float(record["score"])  # numpy floats are not JSON-serialisable
-    return record
 
 
 def run_server(retriever: Retriever, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -204,3 +259,137 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout
     finally:
         server.should_exit = True
         thread.join(timeout_s)
+
+
+# ------------------------------------------------------------------------------------------------ several workers
+_WORKER_STOP_CODES = (0, -signal.SIGTERM, -signal.SIGINT)  # uvicorn re-raises the signal after a graceful exit
+
+
+def _reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker_main(index_dir: str, config: ServerConfig, host: str, port: int, threads: int, number: int,
+                 ready: Any, go: Any) -> None:
+    """One worker: load and warm up the index, bind the shared port, report ready, wait for the go, serve."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops workers (SIGTERM), also on Ctrl-C
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)  # before numba loads: no pool of all the machine's cores each
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # bm25s probes JAX at import: never grab GPU memory per worker
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{number} %(name)s: %(message)s")
+    import uvicorn
+
+    from masksearch_rl.retrieval.index import load_index, read_manifest
+
+    try:
+        kind = read_manifest(index_dir)["kind"]
+        retriever = load_index(index_dir, **({"n_threads": threads} if kind in ("bm25", "hybrid") else {}))
+        retriever.search(["warm up"], 1)  # compile kernels, touch the index pages before taking connections
+        app = create_app(retriever, config)
+        sock = _reuseport_socket(host, port)
+    except BaseException as err:
+        ready.put((number, os.getpid(), f"{type(err).__name__}: {err}"))
+        raise
+    ready.put((number, os.getpid(), None))
+    go.wait()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
+
+
+def serve_workers(index_dir: str | os.PathLike, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+                  workers: int = 2, threads_per_worker: int | None = None, startup_timeout_s: float = 600.0) -> int:
+    """Serve ``index_dir`` from ``workers`` processes on one port until SIGINT/SIGTERM; returns an exit code.
+
+    Why processes: one Python process answers at most a few thousand HTTP requests a second whatever the index
+    costs; N processes behind one SO_REUSEPORT port scale that with the cores, while the memory-mapped index
+    is shared through the page cache. The supervisor holds the port (bound, not listening) so a clash fails
+    fast, starts the workers, lets them listen only once every one is warm, and on a signal stops them all
+    (each drains its batcher). A worker that dies takes the others down (exit code 1): restarts are the job
+    of whatever runs the server (systemd, Kubernetes, slurm).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise RuntimeError("serving with several workers needs SO_REUSEPORT (Linux)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads_per_worker or max(1, cores // workers)
+    holder = _reuseport_socket(host, port)  # reserves the port (and picks one when port is 0)
+    port = holder.getsockname()[1]
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    ready, go = context.Queue(), context.Event()
+    procs = [
+        context.Process(target=_worker_main, name=f"retrieval-worker-{i}", daemon=False,
+                        args=(str(index_dir), config, host, port, threads, i, ready, go))
+        for i in range(workers)
+    ]
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        for proc in procs:
+            proc.start()
+        code = _await_ready(procs, ready, stop, startup_timeout_s)
+        if code == 0 and not stop.is_set():
+            go.set()
+            logger.info("%d workers (%d kernel threads each) serving http://%s:%d", workers, threads, host, port)
+            while not stop.is_set():
+                dead = [proc for proc in procs if proc.exitcode is not None]
+                if dead:
+                    logger.error("worker %s exited with code %s: stopping the others", dead[0].name, dead[0].exitcode)
+                    code = 1
+                    break
+                multiprocessing.connection.wait([proc.sentinel for proc in procs], timeout=0.5)
+    finally:
+        _stop_workers(procs)
+        holder.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == 0 and any(proc.exitcode not in _WORKER_STOP_CODES for proc in procs):
+        code = 1
+    logger.info("all %d workers stopped (exit codes %s)", workers, [proc.exitcode for proc in procs])
+    return code
+
+
+def _await_ready(procs: list, ready: Any, stop: threading.Event, timeout_s: float) -> int:
+    """0 once every worker reported ready; 1 if one failed, died or the wait timed out (or on a stop signal)."""
+    import queue
+
+    pending = {i for i in range(len(procs))}
+    deadline = time.monotonic() + timeout_s
+    while pending and not stop.is_set():
+        try:
+            number, pid, error = ready.get(timeout=0.5)
+        except queue.Empty:
+            dead = [procs[i] for i in pending if procs[i].exitcode is not None]
+            if dead:
+                logger.error("worker %s exited with code %s while starting", dead[0].name, dead[0].exitcode)
+                return 1
+            if time.monotonic() > deadline:
+                logger.error("workers %s not ready after %.0fs", sorted(pending), timeout_s)
+                return 1
+            continue
+        if error is not None:
+            logger.error("worker %d (pid %d) failed to start: %s", number, pid, error)
+            return 1
+        pending.discard(number)
+        logger.info("worker %d (pid %d) ready", number, pid)
+    return 0
+
+
+def _stop_workers(procs: list, timeout_s: float = 30.0) -> None:
+    """SIGTERM every live worker (graceful: in-flight requests are answered), then wait; kill stragglers."""
+    for proc in procs:
+        if proc.pid is not None and proc.exitcode is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        if proc.pid is not None:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                logger.warning("worker %s did not stop in %.0fs: killing it", proc.name, timeout_s)
+                proc.kill()
+                proc.join()

@@ -6,6 +6,7 @@ baseline server script) rather than an in-process app, and both need the same st
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -25,7 +26,7 @@ class ServerProcess:
     """``with ServerProcess(cmd) as server: server.url`` — ``--port`` is appended to ``cmd``."""
 
     def __init__(self, cmd: list[str], name: str = "retrieval server", log: IO | None = None,
-                 cwd: str | Path | None = None, startup_timeout_s: float = 300.0):
+                 cwd: str | Path | None = None, startup_timeout_s: float = 300.0, cpus: set[int] | None = None):
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -33,11 +34,14 @@ class ServerProcess:
         self.log = log
         self.cwd = cwd
         self.startup_timeout_s = startup_timeout_s
+        self.cpus = cpus  # pin the server (and its workers, which inherit it) to these cores
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
         output = self.log if self.log is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=output, stderr=subprocess.STDOUT)
+        cpus = self.cpus
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=output, stderr=subprocess.STDOUT, preexec_fn=pin)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
