@@ -52,6 +52,11 @@ def generate_command(
         True, "--prepend-title/--no-prepend-title", help="Name the subject when the passage never does."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    wandb_project: Optional[str] = typer.Option(
+        None, "--wandb-project", help="Log the run summary to W&B (key from $WANDB_API_KEY; WANDB_MODE=offline ok)."
+    ),
+    wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
+    wandb_mode: Optional[str] = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
 ) -> None:
     """Generate RAMP items (resumable: re-run the same command after a kill)."""
     from envs.prompts import RAMP_INSTRUCTION
@@ -90,7 +95,16 @@ def generate_command(
         )
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
-    summary = generate_ramp(config)
+    from masksearch_rl.tracking import TrackingConfig, start_run
+
+    options = {"corpus": corpus, "out": out, "extractor": extractor, "k_dist": k_dist, "weighting": weighting,
+               "max_masks": max_masks, "seed": seed, "limit": limit, "ppl_model": ppl_model}
+    with start_run(TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode), "ramp-generate",
+                   options) as tracker:
+        summary = generate_ramp(config)
+        tracker.summary({"run": summary["run"], "totals": summary["totals"]})
+        if tracker.enabled:
+            tracker.log_table("ramp/items", ["id", "query", "masks", "num_masks"], _sample_items(out, 20))
     run, totals = summary["run"], summary["totals"]
     typer.echo(
         json.dumps(
@@ -141,6 +155,18 @@ def export_command(
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     typer.echo(json.dumps(result, indent=2))
+
+
+def _sample_items(path: str, n: int) -> list[list]:
+    """The first ``n`` items of the output, for the W&B sample table."""
+    from masksearch_rl.jsonl import BadLines, iter_jsonl
+
+    rows = []
+    for _, item in iter_jsonl(path, BadLines(), required=("id", "query", "masks", "num_masks")):
+        rows.append([item["id"], item["query"], item["masks"], item["num_masks"]])
+        if len(rows) >= n:
+            break
+    return rows
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,126 @@
+"""Launch scripts (single node, Ray, Slurm RL and SFT) parse, and the commands they print compose against the
+installed verl 0.9.1 with the node/GPU counts as hydra overrides; the eval val parquet override composes too."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "recipes" / "launch"
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*.sbatch")])
+SHARED_QA = REPO.parent / "shared" / "data" / "qa"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def verl_imported():
+    import verl  # noqa: F401  (loads our plugins, as main_ppo does)
+
+
+def compose(config_dir: Path, name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        cfg = hydra_compose(config_name=name, overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
+    result = subprocess.run(
+        ["bash", str(LAUNCH / script), *args], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_all_launch_scripts_exist():
+    names = {p.relative_to(LAUNCH).as_posix() for p in SCRIPTS}
+    assert {"single_node.sh", "ray_head.sh", "ray_worker.sh", "ray_submit.sh", "slurm/ppo.sbatch",
+            "slurm/sft.sbatch"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(LAUNCH).as_posix())
+def test_script_parses_and_is_executable(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert script.read_text().startswith("#!/usr/bin/env bash\n") and os.access(script, os.X_OK)
+    if script.suffix == ".sbatch":
+        header = script.read_text().split("set -euo pipefail")[0]
+        for directive in ("--nodes=", "--gpus-per-node=", "--ntasks-per-node=1", "--time="):
+            assert f"#SBATCH {directive}" in header
+        assert "Usage" in header and "sbatch" in header
+
+
+@pytest.mark.parametrize("nodes", ["n0", "n0 n1 n2 n3"])
+def test_slurm_ppo_composes_with_node_and_gpu_counts(nodes):
+    count = len(nodes.split())
+    lines = dry_run("slurm/ppo.sbatch", "hotpotqa_dapo/qwen2.5-7b_8gpu", "paths.stage1_model=/shared/ramp-7b/hf",
+                    NODES=nodes, SLURM_JOB_NUM_NODES=str(count), GPUS_PER_NODE="4",
+                    MASKSEARCH_RETRIEVAL_URL="http://10.0.0.5:8000", MASKSEARCH_DATA_DIR="/shared/data")
+    ray_lines, main = lines[:-1], lines[-1]
+    # Multi-node: a Ray head on the first node, a worker on each other node; one node: no Ray set-up at all.
+    assert len(ray_lines) == (count if count > 1 else 0)
+    if count > 1:
+        assert ray_lines[0][:6] == ["srun", "--nodes=1", "--ntasks=1", "-w", "n0", "ray"] and "--head" in ray_lines[0]
+        assert [line[4] for line in ray_lines[1:]] == ["n1", "n2", "n3"]
+        assert all("--address=n0:6379" in line and "--num-gpus=4" in line for line in ray_lines[1:])
+    assert main[1:3] == ["-m", "verl.trainer.main_ppo"]
+    i = main.index("--config-name")
+    assert main[main.index("--config-path") + 1] == "pkg://recipes.configs.hotpotqa_dapo"
+    cfg = compose(REPO / "recipes" / "configs" / "hotpotqa_dapo", main[i + 1], main[i + 2:])
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (count, 4)
+    assert cfg.search_env.backend.url == "http://10.0.0.5:8000"
+    assert cfg.data.train_files == "/shared/data/hotpotqa/train.parquet"
+    assert cfg.actor_rollout_ref.model.path == "/shared/ramp-7b/hf"
+    from verl.utils.config import validate_config
+
+    validate_config(cfg, use_reference_policy=False, use_critic=False)
+
+
+def test_slurm_ppo_rejects_bad_input():
+    result = subprocess.run(["bash", str(LAUNCH / "slurm/ppo.sbatch"), "ramp_dapo/nope"], capture_output=True,
+                            text=True, cwd=REPO, env={**os.environ, "DRY_RUN": "1"})
+    assert result.returncode == 2 and "no recipe 'ramp_dapo/nope'" in result.stderr
+    result = subprocess.run(["bash", str(LAUNCH / "slurm/ppo.sbatch"), "ramp_dapo/qwen2.5-7b_8gpu"],
+                            capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "DRY_RUN": "1", "NODES": "a b", "SLURM_JOB_NUM_NODES": "3"})
+    assert result.returncode == 2 and "3 nodes allocated but 2 names" in result.stderr
+
+
+def test_slurm_sft_runs_one_torchrun_per_node_and_composes():
+    lines = dry_run("slurm/sft.sbatch", "stage1_ramp/qwen2.5-1.5b_8gpu", "trainer.total_epochs=2",
+                    NODES="g0 g1", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="8")
+    srun, torchrun = lines
+    assert srun[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"] and "NODE_RANK=$SLURM_NODEID" in srun[5]
+    assert srun[6].endswith("recipes/launch/sft_torchrun.sh") and srun[7:] == ["stage1_ramp/qwen2.5-1.5b_8gpu",
+                                                                              "trainer.total_epochs=2"]
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=0", "--master_addr=g0"} <= set(torchrun)
+    i = torchrun.index("--config-name")
+    config_path = Path(torchrun[torchrun.index("--config-path") + 1])
+    assert torchrun[torchrun.index("-m", 3) + 1] == "verl.trainer.sft_trainer"
+    cfg = compose(config_path, torchrun[i + 1], torchrun[i + 2:])
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node, cfg.trainer.total_epochs) == (2, 8, 2)
+
+
+def test_eval_val_parquet_override_composes_into_a_recipe(tmp_path):
+    """`eval export` prints data.val_files=[...]; with it trainer.test_freq validates on the benchmarks."""
+    from masksearch_rl.eval.export import export_parquet
+    from masksearch_rl.eval.loaders import load_benchmark
+
+    items = {"hotpotqa": load_benchmark(SHARED_QA / "hotpotqa_500.jsonl", limit=2),
+             "musique": load_benchmark(SHARED_QA / "musique_500.jsonl", limit=2)}
+    result = export_parquet(items, tmp_path / "val")
+    cfg = compose(REPO / "recipes" / "configs" / "hotpotqa_dapo", "qwen2.5-1.5b_8gpu",
+                  [result["override"], "trainer.test_freq=10"])
+    assert list(cfg.data.val_files) == [str(Path(p).resolve()) for p in result["files"].values()]
+    assert cfg.trainer.test_freq == 10
