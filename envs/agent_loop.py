@@ -64,7 +64,9 @@ from envs.prompts import (
     SEARCH_OPEN,
     STOP_STRINGS,
     TAG_AGENT_NAME,
+    find_stop,
     information_block,
+    parse_query,
 )
 from envs.search_client import SearchOutcome, SearchSettings, search_once, shared_backend
 
@@ -121,12 +123,6 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def find_stop(text: str) -> tuple[int, str] | None:
-    """End offset and tag of the earliest stop string in ``text``, or None."""
-    found = [(text.find(tag) + len(tag), tag) for tag in STOP_STRINGS if tag in text]
-    return min(found) if found else None
-
-
 def tokens_through_stop(token_ids: list[int], tokenizer: Any) -> tuple[int, str | None]:
     """How many tokens to keep so the output ends with its first stop tag (all of them if there is none).
 
@@ -144,15 +140,6 @@ def tokens_through_stop(token_ids: list[int], tokenizer: Any) -> tuple[int, str 
         else:
             high = mid
     return low, full[1]
-
-
-def parse_query(turn_text: str) -> str:
-    """The text between the last ``<search>`` and the first ``</search>``; "" when missing."""
-    end = turn_text.find(SEARCH_CLOSE)
-    if end < 0:
-        return ""
-    start = turn_text.rfind(SEARCH_OPEN, 0, end)
-    return "" if start < 0 else turn_text[start + len(SEARCH_OPEN) : end].strip()
 
 
 @dataclass

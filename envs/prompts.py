@@ -111,3 +111,20 @@ def answer_block(spans_or_answer: list[str] | str) -> str:
     if isinstance(spans_or_answer, str):
         return f"{ANSWER_OPEN} {spans_or_answer} {ANSWER_CLOSE}"
     return f"{ANSWER_OPEN} {ANSWER_SEPARATOR.join(spans_or_answer)} {ANSWER_CLOSE}"
+
+
+# Tag parsing shared by the RL agent loop, the standalone rollout (eval, self-evolve) and tests; verl-free so that
+# importing it stays cheap.
+def find_stop(text: str) -> tuple[int, str] | None:
+    """End offset and tag of the earliest stop string in ``text``, or None."""
+    found = [(text.find(tag) + len(tag), tag) for tag in STOP_STRINGS if tag in text]
+    return min(found) if found else None
+
+
+def parse_query(turn_text: str) -> str:
+    """The text between the last ``<search>`` and the first ``</search>``; "" when missing."""
+    end = turn_text.find(SEARCH_CLOSE)
+    if end < 0:
+        return ""
+    start = turn_text.rfind(SEARCH_OPEN, 0, end)
+    return "" if start < 0 else turn_text[start + len(SEARCH_OPEN) : end].strip()

@@ -4,7 +4,7 @@ Who uses it: self-evolve distillation (a served teacher writes trajectories for 
 harness (a served policy answers benchmark questions). Both need what verl's agent loop does during RL --
 generate until ``</search>`` or ``</answer>``, search, append an ``<information>`` block, go on -- but against a
 served model (vLLM, DashScope, ...) instead of verl's rollout workers, so this module speaks text, not token ids.
-Tag handling is shared with the RL loop (:func:`envs.agent_loop.find_stop`, :func:`envs.agent_loop.parse_query`,
+Tag handling is shared with the RL loop (:func:`envs.prompts.find_stop`, :func:`envs.prompts.parse_query`,
 :func:`envs.prompts.information_block`) and searches go through :func:`envs.search_client.search_once`, so a policy
 sees the same text here as in training. Nothing here raises for a bad model turn or a failed search: problems are
 recorded on the :class:`Episode` (``finish``, ``errors``) and the caller decides what to keep.
@@ -47,7 +47,9 @@ from envs.prompts import (
     SEARCH_LIMIT_REACHED,
     SEARCH_OPEN,
     STOP_STRINGS,
+    find_stop,
     information_block,
+    parse_query,
 )
 from envs.search_client import SearchOutcome, SearchSettings, search_once, shared_backend
 from masksearch_rl.llm import Completion, LLMClient, LLMError
@@ -265,7 +267,6 @@ def close_turn(reply: PolicyReply) -> tuple[str, str | None]:
     Servers that strip the stop string (OpenAI-style) are handled: when the server reports the tag, or reports a
     plain ``stop`` while a ``<search>``/``<answer>`` block is left open at the end, the closing tag is put back.
     """
-    from envs.agent_loop import find_stop  # (lazy: envs.agent_loop imports verl, ~10 s)
 
     text = reply.text
     found = find_stop(text)
@@ -305,7 +306,6 @@ async def run_episode(
     searches answered, ``max_new_tokens`` each generate call, ``max_policy_calls`` (default ``max_turns + 2``) the
     generate calls. Never raises for model or search failures; see :class:`Episode`.
     """
-    from envs.agent_loop import parse_query  # the RL loop's own parser (lazy: that module imports verl)
 
     if max_turns < 0:
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
