@@ -34,9 +34,11 @@ Where ``extra_fields`` go in verl 0.9.1 (model_turns, env_turns, search_count, s
 search_latency_s, info_tokens, response_truncated, finish_reason):
 - Reward: ``AgentLoopWorker._compute_score`` sends them as ``tool_extra_fields``; the ``naive``, ``limited`` and
   ``remote`` reward managers merge them into ``extra_info`` before calling ``compute_score`` (and set
-  ``extra_info["num_turns"]`` from verl's own count, hence no key of that name here). The ``dapo`` and ``gdpo``
-  managers do *not* merge them.
-- Metrics: verl does not log extra_fields itself. Keys that ``compute_score`` returns in its dict become
+  ``extra_info["num_turns"]`` from verl's own count, hence no key of that name here). verl's ``dapo`` and ``gdpo``
+  managers do *not* merge them; our ``masksearch`` manager (reward/manager.py, the recipes' default) is ``dapo``
+  plus this merge.
+- Metrics: verl's V1 trainer does not log extra_fields for training batches; our trainer modes do, as ``env/*`` and
+  ``reward/*`` per-step means (masksearch_rl/verl_ext/trainer.py). Keys that ``compute_score`` returns in its dict become
   ``reward_extra_info``: logged at validation as ``val-aux/<data_source>/<key>/...``, dumped with generations, and
   usable as ``algorithm.filter_groups.metric``. The loop's timing goes into verl's ``AgentLoopMetrics``
   (``generate_sequences``; search time as ``tool_calls``), which only the legacy trainer (``trainer.use_v1=false``)

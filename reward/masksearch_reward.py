@@ -104,11 +104,35 @@ _CONFIGS: dict[str, RewardConfig] = {}
 
 def reward_config(kwargs: Mapping[str, Any]) -> RewardConfig:
     """RewardConfig for these reward kwargs, built once per distinct kwargs (environment read at that time)."""
-    key = repr(sorted(kwargs.items())) if kwargs else ""  # no kwargs: the usual case, and "" is no list's repr
+    key = _config_key(kwargs) if kwargs else ""  # no kwargs: the usual case outside verl
     config = _CONFIGS.get(key)
     if config is None:
         config = _CONFIGS[key] = RewardConfig.from_kwargs(kwargs)
     return config
+
+
+_PLAIN_KEY_TYPES = (str, bool, int, type(None))
+
+
+def _config_key(kwargs: Mapping[str, Any]) -> Any:
+    """A cache key that is equal only for kwargs that build the same config.
+
+    verl passes the recipe's reward_kwargs with every call (``ramp_metric=recall qa_metric=em``): when every value
+    is a plain string, the items themselves are the key, far cheaper than a repr. Other plain values carry their type
+    too (``True == 1`` but they may coerce differently); anything else (floats: ``-0.0 == 0.0``; nested options)
+    is keyed by its repr as before. A tuple key never equals a string key, and "" (no kwargs) is no list's repr.
+    """
+    if not kwargs:
+        return ""
+    items = tuple(kwargs.items())
+    for _, value in items:
+        if type(value) is not str:
+            break
+    else:
+        return items
+    if all(type(value) in _PLAIN_KEY_TYPES for _, value in items):
+        return tuple((name, type(value), value) for name, value in items)
+    return repr(sorted(kwargs.items()))
 
 
 def reset_caches() -> None:
@@ -137,11 +161,15 @@ def _judge_item(rules: _RuleScores, question: str | None) -> JudgeItem | None:
     return JudgeItem(golds=blanks, answer=answer, spans=spans, question=question)
 
 
+def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The configuration part of the call's kwargs (verl's runtime kwargs removed, the call's dict left as it is)."""
+    if "reward_router_address" in kwargs or "reward_model_tokenizer" in kwargs:
+        return {name: value for name, value in kwargs.items() if name not in RUNTIME_KWARGS}
+    return kwargs
+
+
 def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs: dict[str, Any]) -> _RuleScores:
-    if kwargs:
-        for name in RUNTIME_KWARGS:
-            kwargs.pop(name, None)
-    config = reward_config(kwargs)
+    config = reward_config(_options(kwargs) if kwargs else kwargs)
     blanks, is_ramp = _parse_ground_truth(data_source, ground_truth)
     format_rules = config.format
     # check_format's fields (FormatResult order)
@@ -204,7 +232,7 @@ async def compute_score(
     **kwargs: Any,
 ) -> dict[str, float]:
     """Reward of one response (async: the judge, when selected, is awaited on verl's reward loop)."""
-    rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
+    rules = _rule_scores(data_source, solution_str, ground_truth, kwargs)
     config, metric = rules[0], rules[-1]
     item = _judge_item(rules, _question(extra_info)) if metric == "judge" else None
     if item is None:
@@ -225,7 +253,7 @@ def compute_score_sync(
     Judge calls run on one background event loop shared by all threads, so the judge's concurrency limit, cache
     and in-flight sharing hold across threads; the calling thread blocks until its verdict is in.
     """
-    rules = _rule_scores(data_source, solution_str, ground_truth, dict(kwargs))
+    rules = _rule_scores(data_source, solution_str, ground_truth, kwargs)
     config, metric = rules[0], rules[-1]
     item = _judge_item(rules, _question(extra_info)) if metric == "judge" else None
     if item is None:

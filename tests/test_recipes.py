@@ -8,8 +8,8 @@ What is checked, per recipe, with verl's real code (no Ray, no training):
   workers do at start-up (actor, rollout, model with a tiny local model in place of the hub id, algorithm,
   checkpoint engine) and verl's reward-manager lookup;
 - the DAPO values, our agent loop and search settings, our reward function loaded through verl's
-  ``get_custom_reward_fn`` and the ``dapo`` reward manager built by verl's ``load_reward_manager`` and run on a
-  short and an over-long response.
+  ``get_custom_reward_fn`` and our ``masksearch`` reward manager (verl's dapo + the rollout's fields) built by
+  verl's ``load_reward_manager`` and run on a short and an over-long response.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_recipe_passes_verl_startup_validation(recipe, tiny_model):
     assert isinstance(algorithm, AlgoConfig) and algorithm.filter_groups.metric == cfg.algorithm.filter_groups.metric
     # verl resolves the manager from the DictConfig (its RewardManagerConfig dataclass cannot be instantiated in
     # 0.9.1: __post_init__ calls a super().__post_init__ that BaseConfig lacks), so check what verl itself does.
-    assert resolve_reward_manager_cls(cfg).__name__ == "DAPORewardManager"
+    assert resolve_reward_manager_cls(cfg).__name__ == "MaskSearchRewardManager"
     omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout.checkpoint_engine)
 
     # The model section as the workers build it; the hub id is swapped for a local directory (no download).
@@ -183,9 +183,10 @@ def test_recipe_resolves_to_dapo(recipe):
     assert actor.loss_agg_mode == "token-mean"
     assert actor.use_kl_loss is False and algorithm.use_kl_in_reward is False
     assert algorithm.adv_estimator == "grpo"
-    assert actor.optim.lr == pytest.approx(1e-6)
-    # Overlong shaping: the dapo manager with its buffer inside the response budget.
-    assert cfg.reward.reward_manager.source == "register" and cfg.reward.reward_manager.name == "dapo"
+    # The paper's step size; the CPU quickstart's tiny SFT-warmed model needs a larger one to move in a few steps.
+    assert actor.optim.lr == pytest.approx(1e-4 if recipe == "quickstart/tiny_cpu" else 1e-6)
+    # Overlong shaping: our dapo-based manager with its buffer inside the response budget.
+    assert cfg.reward.reward_manager.source == "register" and cfg.reward.reward_manager.name == "masksearch"
     overlong = cfg.reward.reward_kwargs.overlong_buffer_cfg
     assert overlong.enable is True and overlong.penalty_factor == 1.0 and "log" in overlong
     assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length > overlong.len > 0
@@ -262,8 +263,11 @@ def test_trainer_mode_and_agent_loop_registered_after_import_verl():
     from verl.trainer.ppo.v1 import get_trainer_cls
 
     from masksearch_rl.curriculum.trainer import CurriculumPPOTrainer
+    from masksearch_rl.verl_ext.trainer import MaskSearchPPOTrainer
 
     assert get_trainer_cls("masksearch_curriculum") is CurriculumPPOTrainer
+    assert get_trainer_cls("masksearch_sync") is MaskSearchPPOTrainer
+    assert issubclass(CurriculumPPOTrainer, MaskSearchPPOTrainer)
     assert _agent_loop_registry["masksearch_agent"]["_target_"] == "envs.agent_loop.MaskSearchAgentLoop"
 
 
@@ -293,7 +297,7 @@ def test_curriculum_mode_is_a_plain_group_override(mode):
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r.startswith("hotpotqa_dapo/")])
 def test_hotpotqa_recipes_start_from_stage_one(recipe):
     cfg = compose(recipe)
-    assert cfg.trainer.v1.trainer_mode == "sync" and "curriculum" not in cfg
+    assert cfg.trainer.v1.trainer_mode == "masksearch_sync" and "curriculum" not in cfg
     assert cfg.data.train_files.endswith("hotpotqa/train.parquet")
     size = recipe.split("qwen2.5-")[1].split("_")[0]
     # The default model is Stage I's merged policy, under the Stage I recipe's own checkpoint directory.
@@ -342,7 +346,7 @@ async def test_dapo_manager_punishes_overlong_responses_but_not_acc(tiny_model):
     assert cfg.reward.reward_kwargs.max_resp_len == 64
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     manager = load_reward_manager(cfg, tokenizer)
-    assert type(manager).__name__ == "DAPORewardManager"
+    assert type(manager).__name__ == "MaskSearchRewardManager"
 
     results = {}
     for label, text in {
@@ -477,6 +481,6 @@ def test_main_ppo_accepts_the_printed_command(monkeypatch, capsys):
     printed = OmegaConf.create(out[out.index("actor_rollout_ref:") :])
     assert printed.actor_rollout_ref.actor.clip_ratio_high == 0.28
     assert printed.actor_rollout_ref.rollout.n == 16
-    assert printed.reward.reward_manager.name == "dapo"
+    assert printed.reward.reward_manager.name == "masksearch"
     assert printed.trainer.v1.trainer_mode == "masksearch_curriculum"
     assert printed.actor_rollout_ref.rollout.agent.default_agent_loop == "masksearch_agent"

@@ -385,6 +385,32 @@ def test_options_from_hydra_nodes_and_environment(monkeypatch):
 def test_runtime_kwargs_from_verl_are_accepted():
     result = compute_score_sync("ramp", GOOD, RAMP_GT, reward_router_address="127.0.0.1:1", reward_model_tokenizer=None)
     assert result["score"] == 1
+    # they are no options: with and without them the same config, built once
+    from reward.masksearch_reward import _CONFIGS
+
+    half = trajectory(answer="Eiffel | 1889")
+    assert compute_score_sync("ramp", half, RAMP_GT, ramp_metric="em", reward_router_address="h:1")["score"] == 0.5
+    assert compute_score_sync("ramp", half, RAMP_GT, ramp_metric="em")["score"] == 0.5
+    assert len(_CONFIGS) == 2  # {} and {ramp_metric: em}
+
+
+def test_config_cache_tells_apart_options_that_compare_equal():
+    """Cached configs are keyed cheaply (verl passes the same reward_kwargs on every call), but never so that a
+    value is served the config of another value it merely compares equal to (True == 1 == 1.0, -0.0 == 0.0)."""
+    from reward.masksearch_reward import reward_config
+
+    options = {"qa_metric": "f1", "ramp_metric": "em"}
+    assert reward_config(options) is reward_config(dict(options))
+    assert reward_config({"format_gate": True}).format_gate is True
+    with pytest.raises(ValueError, match="format_gate=1.0"):
+        reward_config({"format_gate": 1.0})  # not a boolean: an error, not True's cached config
+    assert reward_config({"format_gate": 0}).format_gate is False
+    assert reward_config({"format_gate": False}) is not reward_config({"format_gate": 0})
+    assert reward_config({"min_score": -0.0}).min_score == 0.0
+    assert str(reward_config({"min_score": -0.0}).min_score) == "-0.0"
+    assert str(reward_config({"min_score": 0.0}).min_score) == "0.0"
+    # the same options in another order: equal configs
+    assert reward_config({"ramp_metric": "em", "qa_metric": "f1"}) == reward_config(options)
 
 
 async def test_async_entry_matches_sync():
