@@ -9,10 +9,20 @@ import importlib
 import logging
 
 EXTENSIONS = (
+    # First: verl resolves its platform once, on the first get_platform() call, and importing almost any other
+    # verl module makes that call. Platform "cpu" (VERL_PLATFORM=cpu, or auto-detected without an accelerator).
+    "masksearch_rl.verl_ext.cpu_platform",
+    # FSDP engines registered for the CPU device; trainer mode "masksearch_sync" (platform-ready training workers).
+    "masksearch_rl.verl_ext.workers",
+    "masksearch_rl.verl_ext.trainer",
     # Trainer mode "masksearch_curriculum" (trainer.v1.trainer_mode): masked-span-count curriculum sampler.
     "masksearch_rl.curriculum.trainer",
     # Agent loop "masksearch_agent" (rows' agent_name): the think/search/information/answer tag protocol.
     "envs.agent_loop",
+    # Reward manager "masksearch" (reward.reward_manager.name): DAPO overlong shaping + the rollout's extra fields.
+    "reward.manager",
+    # Rollout backend "hf" (actor_rollout_ref.rollout.name=hf): transformers generate, for machines without vLLM.
+    "masksearch_rl.verl_ext.hf_rollout",
 )
 
 for _name in EXTENSIONS:

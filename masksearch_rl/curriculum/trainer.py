@@ -4,14 +4,13 @@ Select it with ``trainer.v1.trainer_mode=masksearch_curriculum`` and configure i
 ``curriculum`` section (recipes/configs/curriculum/ documents every key). verl finds the mode because ``import
 verl`` imports masksearch_rl.verl_plugins (entry point group ``verl.plugins``), which imports this module.
 
-What it changes in verl's ``PPOTrainerSync`` (verl/trainer/ppo/v1/trainer_base.py), all by overriding methods:
+What it changes in verl's ``PPOTrainerSync`` (verl/trainer/ppo/v1/trainer_base.py), all by overriding methods (on top
+of ``masksearch_sync``, masksearch_rl/verl_ext/trainer.py: platform-ready workers, sync semantics kept):
   * ``_init_dataloader``: verl's own code builds the datasets and the train loader, then the train loader is rebuilt
     with the same settings but our ``MaskCountCurriculumSampler`` in place of ``create_rl_sampler``'s sampler.
   * ``step``: after verl's step, the step's mean score goes to ``sampler.update`` (this drives ``adaptive``) and the
     ``curriculum/*`` numbers join the step's metrics. This runs before ``fit`` saves a checkpoint, so the saved
     sampler state already holds this step's reward.
-  * ``_build_replay_buffer``: resets ``self.trainer_mode`` to ``"sync"``; verl's base class switches to its async
-    code paths whenever the mode string is not literally ``"sync"``.
   * ``_load_checkpoint``: restores the sampler right away instead of at the first batch.
 
 Checkpoints: verl saves ``train_dataloader.state_dict()`` as ``<ckpt>/global_step_N/data.pt``. torchdata's
@@ -32,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 from verl.trainer.ppo.v1.replay_buffer import DAPO_FILTERED_REWARD_COUNTS_KEY
 from verl.trainer.ppo.v1.trainer_base import register_trainer
-from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from masksearch_rl.curriculum.sampler import CurriculumConfig, MaskCountCurriculumSampler, read_num_masks
+from masksearch_rl.verl_ext.trainer import MaskSearchPPOTrainer
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -93,20 +92,14 @@ def mean_step_score(
 
 
 @register_trainer(TRAINER_MODE)
-class CurriculumPPOTrainer(PPOTrainerSync):
-    """verl's sync PPO trainer whose train prompts come in masked-span-count curriculum order."""
+class CurriculumPPOTrainer(MaskSearchPPOTrainer):
+    """verl's sync PPO trainer (platform-ready, see masksearch_sync) with prompts in mask-count curriculum order."""
 
     def __init__(self, config: DictConfig):
         # Parse first: a bad curriculum option fails before any worker starts.
         self.curriculum_config = curriculum_config_from(config)
         self.curriculum_sampler: MaskCountCurriculumSampler | None = None
         super().__init__(config)
-
-    def _build_replay_buffer(self):
-        # verl's base class tests `self.trainer_mode != "sync"` (replay buffer type, gen_batch_size, TransferQueue
-        # checkpoints); under our own mode name it would silently run the async paths in a sync loop.
-        self.trainer_mode = "sync"
-        return super()._build_replay_buffer()
 
     def _init_dataloader(self):
         super()._init_dataloader()

@@ -1,0 +1,1 @@
+"""Launching verl PPO runs on our recipes and reporting their metrics."""

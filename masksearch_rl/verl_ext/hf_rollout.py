@@ -1,0 +1,437 @@
+"""A Hugging Face transformers rollout backend for verl 0.9.1 (``actor_rollout_ref.rollout.name=hf``).
+
+verl's rollout backends (vLLM, SGLang, TensorRT-LLM) need a GPU. This one serves generation with
+``transformers``' ``generate`` on any device the platform names (CPU here, a GPU where vLLM is not installed), through
+the same three extension points the built-in backends use:
+
+* :class:`HFReplica` (``RolloutReplicaRegistry``): starts one :class:`HFGenerationServer` Ray actor per replica on the
+  node of its training workers, as vLLM's replica starts its HTTP server actor;
+* :class:`HFGenerationServer`: token-in/token-out ``generate`` for the agent loops (the interface
+  ``LLMServerClient`` calls), micro-batching concurrent requests with equal sampling settings into one padded
+  ``model.generate``; stop strings, per-request ``max_tokens``, log-probs of the sampled tokens, greedy validation;
+* :class:`HFServerAdapter` (verl's rollout registry, ``BaseRollout``): lives in each training worker and pushes the
+  trainer's weights to its replica's server after every step (``checkpoint_engine.backend=naive``), so rollouts are
+  always on-policy.
+
+Throughput is far below vLLM's (no paged KV cache, no continuous batching): this backend exists so that the real
+trainer runs where vLLM cannot, and for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional
+
+import ray
+import torch
+from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
+from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_NAME = "hf"
+_SERVER_PREFIX = "hf_rollout_server_"
+
+
+def server_actor_name(replica_rank: int, name_suffix: str = "") -> str:
+    """The Ray actor name of a replica's server; the training worker's adapter finds its server by it."""
+    return f"{_SERVER_PREFIX}{replica_rank}{name_suffix}"
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class _SamplingKey:
+    """Requests batch together only when they sample alike (``max_tokens`` may differ: each is cut to its own)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    stop: tuple[str, ...]
+    logprobs: bool
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "_SamplingKey":
+        top_k = params.get("top_k")
+        stop = params.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        return cls(
+            temperature=float(params.get("temperature", 1.0) or 0.0),
+            top_p=float(params.get("top_p", 1.0) or 1.0),
+            top_k=int(top_k) if top_k is not None and int(top_k) > 0 else 0,
+            repetition_penalty=float(params.get("repetition_penalty", 1.0) or 1.0),
+            stop=tuple(stop),
+            logprobs=bool(params.get("logprobs")),
+        )
+
+
+class HFGenerationServer:
+    """Token-in/token-out generation with an HF causal LM; one per rollout replica (a Ray actor).
+
+    Requests arrive concurrently from many agent loops. A single worker task takes what is queued (up to
+    ``max_num_seqs``), groups it by sampling settings and runs one left-padded ``generate`` per group, so a batch of
+    agent turns costs one forward pass per token instead of one per request.
+    """
+
+    def __init__(self, config: Any, model_config: Any, replica_rank: int, device: str, batch_wait_s: float = 0.005):
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.config import HFModelConfig
+
+        self.config = omega_conf_to_dataclass(config)
+        self.model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
+        # The context a request may fill: verl's own bound when set, else the prompt plus the response budget.
+        self.max_model_len = int(self.config.max_model_len or self.config.prompt_length + self.config.response_length)
+        self.replica_rank = replica_rank
+        self.device = torch.device(device)
+        self.batch_wait_s = batch_wait_s
+        self.global_steps: Optional[int] = None
+        self.model = None
+        self.tokenizer = None
+        self._queues: dict[_SamplingKey, list[_Request]] = {}
+        self._wakeup: Optional[asyncio.Event] = None
+        self._worker: Optional[asyncio.Task] = None
+        self._paused = False
+        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "generate_s": 0.0}
+
+    # ---------------------------------------------------------------- lifecycle
+    async def launch_server(self) -> None:
+        """Load the tokenizer and the model (from the same path as the trainer), then start serving."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = self.model_config.local_path
+        trust = bool(getattr(self.model_config, "trust_remote_code", False))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        dtype = _torch_dtype(getattr(self.config, "dtype", "bfloat16"), self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust)
+        self.model.to(self.device).eval()
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.create_task(self._serve())
+        logger.info("HF rollout server %d ready on %s (%s, %s)", self.replica_rank, self.device, path, dtype)
+
+    def get_server_address(self) -> str:
+        # verl keys its load balancer by address; this server speaks Ray calls only, so the address is a name.
+        return f"{ROLLOUT_NAME}://{server_actor_name(self.replica_rank)}"
+
+    async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], global_steps: Optional[int]) -> int:
+        """Load a chunk of the trainer's weights (HF parameter names); returns how many tensors were loaded."""
+        # state_dict names tied weights under each alias (lm_head.weight and embed_tokens.weight).
+        targets = self.model.state_dict(keep_vars=True)
+        loaded = 0
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = targets.get(name)
+                if target is None:
+                    raise KeyError(f"HF rollout: the trainer sent weight {name!r}, which the rollout model lacks")
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                loaded += 1
+        if global_steps is not None:
+            self.global_steps = global_steps
+        return loaded
+
+    async def stats_snapshot(self) -> dict[str, float]:
+        return dict(self.stats)
+
+    # Replica control calls verl makes on every backend. Weights and the (per-call) KV cache live with this actor
+    # for its whole life, so sleeping frees nothing; pausing is honoured by holding new batches.
+    async def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        return None
+
+    async def sleep(self) -> None:
+        return None
+
+    async def clear_kv_cache(self) -> None:
+        return None
+
+    async def release_kv_cache(self) -> None:
+        return None
+
+    async def resume_kv_cache(self) -> None:
+        return None
+
+    async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
+        self._paused = True
+        return {"aborted_count": 0, "request_ids": []}
+
+    async def abort_request(self, request_id: str, reset_prefix_cache: bool = True) -> dict:
+        return {"aborted": False, "request_id": request_id}
+
+    async def resume_generation(self) -> None:
+        self._paused = False
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def start_profile(self, **kwargs: Any) -> None:
+        return None
+
+    async def stop_profile(self) -> None:
+        return None
+
+    async def set_global_steps(self, global_steps: int) -> None:
+        self.global_steps = global_steps
+
+    async def wait_for_requests_to_drain(self) -> None:
+        while any(self._queues.values()):
+            await asyncio.sleep(0.01)
+
+    # ---------------------------------------------------------------- generation
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data: Any = None,
+        video_data: Any = None,
+        **kwargs: Any,
+    ) -> TokenOutput:
+        if image_data is not None or video_data is not None:
+            raise ValueError("HF rollout: multi-modal inputs are not supported")
+        prompt_ids = [int(t) for t in prompt_ids]
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"HF rollout: prompt of {len(prompt_ids)} tokens leaves no room within max_model_len {self.max_model_len}"
+            )
+        max_tokens = min(int(sampling_params.get("max_tokens") or self.config.response_length), room)
+        key = _SamplingKey.from_params(sampling_params)
+        future = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, []).append(_Request(prompt_ids, max_tokens, future))
+        self.stats["requests"] += 1
+        self._wakeup.set()
+        return await future
+
+    async def _serve(self) -> None:
+        """Take queued requests in batches, forever; a failure fails that batch's requests only."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await asyncio.sleep(self.batch_wait_s)  # let concurrent agent turns join the batch
+            while not self._paused and any(self._queues.values()):
+                key = max(self._queues, key=lambda k: len(self._queues[k]))
+                queue = self._queues[key]
+                limit = max(1, int(self.config.max_num_seqs or 64))
+                batch, self._queues[key] = queue[:limit], queue[limit:]
+                try:
+                    outputs = await asyncio.to_thread(self._generate_batch, key, batch)
+                except Exception as err:  # noqa: BLE001 - every waiting request gets the error
+                    logger.exception("HF rollout batch failed")
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(err)
+                    continue
+                for request, output in zip(batch, outputs):
+                    if not request.future.done():
+                        request.future.set_result(output)
+
+    @torch.no_grad()
+    def _generate_batch(self, key: _SamplingKey, batch: list[_Request]) -> list[TokenOutput]:
+        started = time.perf_counter()
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, request in enumerate(batch):
+            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            attention[row, width - len(request.prompt_ids) :] = 1
+        greedy = key.temperature <= 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max(r.max_tokens for r in batch),
+            do_sample=not greedy,
+            pad_token_id=pad_id,
+            eos_token_id=self.eos_token_ids,
+            return_dict_in_generate=True,
+            output_logits=key.logprobs,
+            repetition_penalty=key.repetition_penalty,
+        )
+        if not greedy:
+            kwargs.update(temperature=key.temperature, top_p=key.top_p, top_k=key.top_k)
+        if key.stop:
+            # transformers matches stop strings on the decoded text including the prompt's tail (vLLM only looks at
+            # the output); our stop tags never straddle a prompt's end (prompts end with a newline), so it is moot.
+            kwargs.update(stop_strings=list(key.stop), tokenizer=self.tokenizer)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        logprobs = None
+        if key.logprobs:
+            # Log-probabilities of the sampled tokens under the policy at the sampling temperature: the quantity the
+            # trainer recomputes as old_log_prob (logits / temperature), not the top-p/top-k-warped distribution.
+            logits = torch.stack(out.logits, dim=1).float()
+            if not greedy:
+                logits = logits / key.temperature
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.to(logits.device)[..., None])
+            logprobs = logprobs[..., 0].cpu()
+        outputs = []
+        eos = set(self.eos_token_ids)
+        for row, request in enumerate(batch):
+            tokens = new_tokens[row].tolist()
+            length = _finished_length(tokens, eos, pad_id, stopped_by_criteria=bool(key.stop))
+            length = min(length, request.max_tokens)
+            ids = tokens[:length]
+            outputs.append(
+                TokenOutput(
+                    token_ids=ids,
+                    log_probs=logprobs[row, :length].tolist() if logprobs is not None else None,
+                    stop_reason="completed",
+                    extra_fields={"global_steps": self.global_steps},
+                )
+            )
+            self.stats["generated_tokens"] += length
+        self.stats["batches"] += 1
+        self.stats["generate_s"] += time.perf_counter() - started
+        return outputs
+
+
+def _finished_length(tokens: list[int], eos: set[int], pad_id: int, stopped_by_criteria: bool) -> int:
+    """How many generated tokens belong to the sequence: through its EOS, or up to the padding generate appends
+    once a row has finished (by a stop string) while other rows go on."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return i + 1
+    end = len(tokens)
+    if stopped_by_criteria or pad_id is not None:
+        while end > 0 and tokens[end - 1] == pad_id:
+            end -= 1
+    return end
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    # bf16 matmuls on CPU are slow and lose precision against the fp32 trainer; CPU rollouts run in fp32.
+    if device.type == "cpu":
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(
+        str(name), torch.float32
+    )
+
+
+class HFReplica(RolloutReplica):
+    """One HF generation server per replica, placed on the node of the replica's training workers."""
+
+    async def launch_servers(self) -> None:
+        from verl.utils.device import get_device_name
+
+        if self.nnodes != 1:
+            raise ValueError(
+                f"HF rollout: a replica must fit one node (tensor/data/pipeline parallel size {self.world_size} > "
+                f"{self.gpus_per_node} devices per node)"
+            )
+        node_id = None
+        if self.workers:
+            node_id = await self.workers[0].__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
+        device = get_device_name()
+        options: dict[str, Any] = {
+            "name": server_actor_name(self.replica_rank, self.name_suffix),
+            "max_concurrency": self.max_concurrency,
+            "num_cpus": 0,
+        }
+        if node_id is not None:
+            options["scheduling_strategy"] = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                node_id=node_id, soft=False
+            )
+        if device == "cuda":
+            # Share the training worker's GPU (hybrid engine), as vLLM's server actor does.
+            from verl.plugin.platform import get_platform
+
+            gpu = await self.workers[0].__ray_call__.remote(
+                lambda self: ray.get_runtime_context().get_accelerator_ids()["GPU"][0]
+            )
+            options["runtime_env"] = {
+                "env_vars": {
+                    "CUDA_VISIBLE_DEVICES": str(gpu),
+                    **{var: "1" for var in get_platform().ray_noset_envvars()},
+                }
+            }
+        server = ray.remote(HFGenerationServer).options(**options).remote(
+            config=self.config, model_config=self.model_config, replica_rank=self.replica_rank, device=device
+        )
+        await server.launch_server.remote()
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = await server.get_server_address.remote()
+
+    def rollout_worker_use_gpu(self) -> bool:
+        return False
+
+
+class HFServerAdapter(BaseRollout):
+    """The training worker's side: forwards the trainer's weights to this replica's HF server after each step."""
+
+    def __init__(self, config: Any, model_config: Any, device_mesh: Any, *args: Any, **kwargs: Any):
+        super().__init__(config, model_config, device_mesh, *args, **kwargs)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = self.config.tensor_model_parallel_size * self.config.data_parallel_size
+        world *= self.config.pipeline_model_parallel_size
+        self.replica_rank = rank // world
+        # Only the first rank of a replica talks to its server; every rank still walks the weight generator,
+        # which gathers each full tensor across the FSDP group.
+        self.is_leader = rank % world == 0
+        self._server = None
+
+    def _server_handle(self):
+        if self._server is None:
+            self._server = ray.get_actor(server_actor_name(self.replica_rank))
+        return self._server
+
+    async def resume(self, tags: list[str]) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+    async def update_weights(
+        self,
+        weights: Generator[tuple[str, torch.Tensor], None, None],
+        wire_format: str = "named_tensors",
+        global_steps: Optional[int] = None,
+        bucket_bytes: int = 256 << 20,
+        **kwargs: Any,
+    ) -> None:
+        if wire_format != "named_tensors":
+            raise ValueError(f"HF rollout: weight wire format {wire_format!r} is not supported (use named_tensors)")
+        if kwargs.get("peft_config") is not None:
+            raise ValueError("HF rollout: LoRA adapters are not supported; set actor_rollout_ref.model.lora.merge=true")
+        pending: list[ray.ObjectRef] = []
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, tensor in weights:
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
+            if not self.is_leader:
+                continue
+            tensor = tensor.detach().to("cpu", copy=True)
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                pending.append(self._server_handle().update_weights.remote(bucket, None))
+                bucket, size = [], 0
+        if self.is_leader:
+            pending.append(self._server_handle().update_weights.remote(bucket, global_steps))
+            await asyncio.gather(*pending)
+
+
+RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFReplica)
+# verl looks the worker-side adapter up by (name, mode) in this table (verl.workers.rollout.base.get_rollout_class).
+_ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"

@@ -1,0 +1,101 @@
+"""Trainer mode ``masksearch_sync``: verl 0.9.1's sync PPO trainer with platform-ready workers.
+
+It is verl's ``PPOTrainerSync`` with three changes, all by overriding methods:
+  * ``_init_resource_pool_mgr``: verl's mapping of roles to worker classes, with ``ActorRolloutRefWorker`` replaced
+    by :class:`~masksearch_rl.verl_ext.workers.PlatformActorRolloutRefWorker` (it starts on the CPU platform; on
+    GPUs it behaves exactly as verl's);
+  * ``_build_replay_buffer``: keeps ``self.trainer_mode == "sync"``, since verl's base class switches to its async
+    code paths whenever the mode string is not literally ``"sync"``;
+  * ``step``: verl's V1 trainer logs neither the agent loop's extra fields nor the reward's components for training
+    batches (only at validation). After each step we read them back from TransferQueue and log per-episode means:
+    ``env/*`` (searches, search errors and latency, information tokens, model turns, finish reasons) and
+    ``reward/*`` (every numeric component compute_score returned: acc, format, recall, judge, ...).
+
+Stage II and any run without a curriculum use this mode; the curriculum mode (``masksearch_curriculum``) extends it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ray
+import transfer_queue as tq
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+from masksearch_rl.verl_ext.workers import PlatformActorRolloutRefWorker
+
+TRAINER_MODE = "masksearch_sync"
+
+# Numeric extra fields of our agent loop (envs/agent_loop.py) worth a per-step mean.
+ENV_FIELDS = ("search_count", "search_calls", "search_errors", "search_latency_s", "info_tokens", "model_turns",
+              "env_turns", "response_truncated")
+
+
+def episode_metrics(extra_fields: Iterable[Mapping[str, Any] | None]) -> dict[str, float]:
+    """Per-step means of the episodes' environment statistics and reward components.
+
+    ``extra_fields`` holds one dict per trajectory as verl stores it: our agent loop's fields plus
+    ``reward_extra_info`` (the dict compute_score returned). Non-numeric values and missing keys are skipped;
+    finish reasons become fractions (``env/finish/<reason>``).
+    """
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    finishes: dict[str, int] = defaultdict(int)
+    episodes = 0
+    for fields in extra_fields:
+        if not isinstance(fields, Mapping):
+            continue
+        episodes += 1
+        for key in ENV_FIELDS:
+            _add(sums, counts, f"env/{key}", fields.get(key))
+        if isinstance(fields.get("finish_reason"), str):
+            finishes[fields["finish_reason"]] += 1
+        reward_info = fields.get("reward_extra_info")
+        if isinstance(reward_info, Mapping):
+            for key, value in reward_info.items():
+                _add(sums, counts, f"reward/{key}", value)
+    metrics = {f"{key}/mean": sums[key] / counts[key] for key in sums if counts[key]}
+    for reason, n in finishes.items():
+        metrics[f"env/finish/{reason}"] = n / episodes
+    return metrics
+
+
+def _add(sums: dict, counts: dict, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        value = float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        sums[key] += float(value)
+        counts[key] += 1
+
+
+@register_trainer(TRAINER_MODE)
+class MaskSearchPPOTrainer(PPOTrainerSync):
+    """verl's synchronous PPO trainer whose training workers start on every platform we register."""
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        for role, worker in list(self.role_worker_mapping.items()):
+            if getattr(worker, "__ray_actor_class__", None) is ActorRolloutRefWorker:
+                self.role_worker_mapping[role] = ray.remote(PlatformActorRolloutRefWorker)
+
+    def _build_replay_buffer(self):
+        self.trainer_mode = "sync"
+        return super()._build_replay_buffer()
+
+    def step(self, metrics: dict, timing_raw: dict):
+        batch = super().step(metrics, timing_raw)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        rows = [
+            fields
+            for fields, tag in zip(list(data["extra_fields"]), batch.tags, strict=True)
+            if not tag.get("is_padding", False)
+        ]
+        metrics.update(episode_metrics(rows))
+        return batch
