@@ -16,12 +16,13 @@ import hashlib
 import json
 import logging
 import os
-import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import openai
+
+from masksearch_rl.loop_local import LoopLocal
 
 logger = logging.getLogger(__name__)
 
@@ -85,29 +86,27 @@ class LLMClient:
             import diskcache
 
             self._cache = diskcache.Cache(config.cache_dir)
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._per_loop: LoopLocal[tuple[asyncio.Semaphore, openai.AsyncOpenAI]] = LoopLocal(self._new_resources)
         if config.api_key_env and not os.environ.get(config.api_key_env):
             logger.debug("$%s is not set; calling %s without a key", config.api_key_env, config.base_url)
 
+    def _new_resources(self) -> tuple[asyncio.Semaphore, openai.AsyncOpenAI]:
+        cfg = self.config
+
+        async def count_response(response: Any) -> None:  # sees every attempt, retries included
+            self.stats[f"http_{response.status_code}"] += 1
+
+        client = openai.AsyncOpenAI(
+            base_url=cfg.base_url,
+            api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+            timeout=openai.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
+            max_retries=cfg.max_retries,
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [count_response]}),
+        )
+        return asyncio.Semaphore(cfg.concurrency), client
+
     def _resources(self) -> tuple[asyncio.Semaphore, openai.AsyncOpenAI]:
-        loop = asyncio.get_running_loop()
-        if loop not in self._per_loop:
-            cfg = self.config
-
-            async def count_response(response: Any) -> None:  # sees every attempt, retries included
-                self.stats[f"http_{response.status_code}"] += 1
-
-            client = openai.AsyncOpenAI(
-                base_url=cfg.base_url,
-                api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
-                timeout=openai.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
-                max_retries=cfg.max_retries,
-                http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [count_response]}),
-            )
-            self._per_loop[loop] = (asyncio.Semaphore(cfg.concurrency), client)
-        return self._per_loop[loop]
+        return self._per_loop.get()
 
     def cache_key(self, messages: list[dict], params: dict[str, Any]) -> str:
         blob = json.dumps({"model": self.config.model, "messages": messages, **params}, sort_keys=True)
@@ -214,9 +213,6 @@ class LLMClient:
 
     async def aclose(self) -> None:
         """Close this loop's connections and the cache. (Pools of other, finished loops are dropped with them.)"""
-        for loop, (_, client) in list(self._per_loop.items()):
-            if loop is asyncio.get_running_loop():
-                await client.close()
-        self._per_loop.clear()
+        await self._per_loop.aclose(lambda resources: resources[1].close())
         if self._cache is not None:
             self._cache.close()

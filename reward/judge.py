@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from masksearch_rl.llm import LLMClient, LLMConfig
+from masksearch_rl.loop_local import LoopLocal
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +121,18 @@ class Judge:
     def __init__(self, client: LLMClient):
         self.client = client
         self.stats: Counter = Counter()
-        self._in_flight: dict[tuple[int, str], asyncio.Task] = {}
+        # In-flight calls per event loop (a task cannot be awaited from another loop).
+        self._in_flight: LoopLocal[dict[str, asyncio.Task]] = LoopLocal(dict)
 
     async def grade(self, item: JudgeItem) -> Verdict:
         messages = build_judge_messages(item)
         digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-        key = (id(asyncio.get_running_loop()), digest)
-        task = self._in_flight.get(key)
+        in_flight = self._in_flight.get()
+        task = in_flight.get(digest)
         if task is None:
             task = asyncio.ensure_future(self._ask(messages, len(item.golds)))
-            self._in_flight[key] = task
-            task.add_done_callback(lambda _t: self._in_flight.pop(key, None))
+            in_flight[digest] = task
+            task.add_done_callback(lambda _t: in_flight.pop(digest, None))
         else:
             self.stats["shared_in_flight"] += 1
         return await asyncio.shield(task)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from masksearch_rl.loop_local import LoopLocal
 from masksearch_rl.retrieval.types import Hit, SearchError
 
 
@@ -95,19 +96,19 @@ class RetrievalServerBackend:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._transport = transport
         # Connection pools and semaphores belong to one event loop; keep one pair per running loop.
-        self._per_loop: dict[int, tuple[asyncio.Semaphore, httpx.AsyncClient]] = {}
+        self._per_loop: LoopLocal[tuple[asyncio.Semaphore, httpx.AsyncClient]] = LoopLocal(self._new_resources)
+
+    def _new_resources(self) -> tuple[asyncio.Semaphore, httpx.AsyncClient]:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+            headers=self._headers,
+            transport=self._transport,
+        )
+        return asyncio.Semaphore(self.concurrency), client
 
     def _resources(self) -> tuple[asyncio.Semaphore, httpx.AsyncClient]:
-        key = id(asyncio.get_running_loop())
-        if key not in self._per_loop:
-            client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
-                limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-                headers=self._headers,
-                transport=self._transport,
-            )
-            self._per_loop[key] = (asyncio.Semaphore(self.concurrency), client)
-        return self._per_loop[key]
+        return self._per_loop.get()
 
     async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         queries = list(queries)
@@ -175,9 +176,8 @@ class RetrievalServerBackend:
             raise SearchError(f"retrieval server {self.base_url}/health: {describe_error(err)}") from err
 
     async def aclose(self) -> None:
-        for _, client in self._per_loop.values():
-            await client.aclose()
-        self._per_loop.clear()
+        """Close this loop's connections (other loops' pools are dropped, see :class:`LoopLocal`)."""
+        await self._per_loop.aclose(lambda resources: resources[1].aclose())
 
 
 def _parse_hit(item: Any) -> Hit:

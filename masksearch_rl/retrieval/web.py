@@ -24,6 +24,7 @@ import httpx
 from aiolimiter import AsyncLimiter
 
 from masksearch_rl.corpus.passage import format_contents
+from masksearch_rl.loop_local import LoopLocal
 from masksearch_rl.retrieval.client import (
     RetrievalServerBackend,
     RetryableHTTPError,
@@ -195,20 +196,22 @@ class WebSearchBackend:
             import diskcache
 
             self._cache = diskcache.Cache(self.config.cache_dir)
-        self._per_loop: dict[int, tuple[asyncio.Semaphore, AsyncLimiter, httpx.AsyncClient]] = {}
+        # Semaphores, limiters and connection pools belong to one event loop; keep one set per running loop.
+        self._per_loop: LoopLocal[tuple[asyncio.Semaphore, AsyncLimiter, httpx.AsyncClient]] = LoopLocal(
+            self._new_resources
+        )
+
+    def _new_resources(self) -> tuple[asyncio.Semaphore, AsyncLimiter, httpx.AsyncClient]:
+        cfg = self.config
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
+            limits=httpx.Limits(max_connections=cfg.concurrency),
+        )
+        limiter = AsyncLimiter(1, 1.0 / cfg.rate_per_s)  # one request per 1/rate s: no burst at start-up
+        return asyncio.Semaphore(cfg.concurrency), limiter, client
 
     def _resources(self) -> tuple[asyncio.Semaphore, AsyncLimiter, httpx.AsyncClient]:
-        # Semaphores, limiters and connection pools belong to one event loop; keep one set per running loop.
-        key = id(asyncio.get_running_loop())
-        if key not in self._per_loop:
-            cfg = self.config
-            client = httpx.AsyncClient(
-                timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
-                limits=httpx.Limits(max_connections=cfg.concurrency),
-            )
-            limiter = AsyncLimiter(1, 1.0 / cfg.rate_per_s)  # one request per 1/rate s: no burst at start-up
-            self._per_loop[key] = (asyncio.Semaphore(cfg.concurrency), limiter, client)
-        return self._per_loop[key]
+        return self._per_loop.get()
 
     async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         if topk < 1:
@@ -269,9 +272,7 @@ class WebSearchBackend:
         return text.replace(self._key, "***") if self._key else text
 
     async def aclose(self) -> None:
-        for _, _, client in self._per_loop.values():
-            await client.aclose()
-        self._per_loop.clear()
+        await self._per_loop.aclose(lambda resources: resources[2].aclose())
         if self._cache is not None:
             self._cache.close()
 
