@@ -43,10 +43,17 @@ SYSTEM_PROMPT = (
     "the final answer inside <answer> and </answer>, with no explanation, for example <answer> Paris </answer>."
 )
 
+# The hint names the number of masks: the format reward wants exactly one span per mask, and the count is part of
+# the task's definition, not of its answer. A model then copies the number instead of counting [mask] tokens.
 RAMP_ANSWER_HINT = (
-    "Write the missing spans in the order of the [mask] tokens, separated by ' | ', for example "
-    "<answer> span 1 | span 2 </answer>."
+    "The text has {count}. Write the missing spans in the order of the [mask] tokens, separated by ' | ', for "
+    "example <answer> span 1 | span 2 </answer>."
 )
+
+
+def mask_count_phrase(num_masks: int) -> str:
+    """``1 [mask]`` / ``3 [mask] tokens``: how the prompt and the oracle's thoughts name the number of masks."""
+    return f"{num_masks} [mask]" + (" tokens" if num_masks != 1 else "")
 
 TOOL_SYSTEM_PROMPT = (
     "You are a careful research assistant. Think step by step. When you are missing a fact, call the search tool. "
@@ -60,7 +67,8 @@ def ramp_user_text(masked_passage: str, instruction: str = RAMP_INSTRUCTION) -> 
     The item's ``query`` is the masked passage alone, so ``query.count("[mask]") == num_masks`` holds exactly even
     though the paper's instruction names the token; the instruction is stored beside it and joined here.
     """
-    return f"{instruction}\n\nText: {masked_passage}\n\n{RAMP_ANSWER_HINT}"
+    hint = RAMP_ANSWER_HINT.format(count=mask_count_phrase(masked_passage.count(MASK_TOKEN)))
+    return f"{instruction}\n\nText: {masked_passage}\n\n{hint}"
 
 
 def ramp_messages(

@@ -37,6 +37,8 @@ class ModelShape:
 SHAPES = {
     "tiny": ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2),
+    "mini": ModelShape(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2),
     "small": ModelShape(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2),
     # Qwen2.5-0.5B's transformer (24 layers, d=896, GQA 14/2); the vocabulary is ours unless overridden.

@@ -1,4 +1,9 @@
-"""``masksearch-rl sft export``: kept trajectories -> SFT parquet (training itself: recipes/launch/sft_torchrun.sh)."""
+"""``masksearch-rl sft export|oracle|warmup``: SFT data and the quickstart warm-up.
+
+export  kept trajectories -> SFT parquet (training itself: recipes/launch/sft_torchrun.sh)
+oracle  RAMP items + index -> oracle tag-protocol trajectories -> SFT parquet (masksearch_rl.sft.oracle)
+warmup  oracle data + verl's SFT trainer on the CPU -> a warmed-up HF model dir (masksearch_rl.sft.warmup)
+"""
 
 from __future__ import annotations
 
@@ -25,3 +30,64 @@ def register(app: typer.Typer) -> None:
         from masksearch_rl.sft.export import export_sft
 
         typer.echo(json.dumps(export_sft(list(inputs), out_dir, val_fraction, seed), indent=2))
+
+    @sft.command("oracle")
+    def oracle(
+        ramp: Path = typer.Option(..., "--ramp", exists=True, dir_okay=False, help="RAMP items JSONL."),
+        index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="Index directory (BM25 ...)."),
+        out: Path = typer.Option(..., "--out", help="Writes trajectories.jsonl, train/val.parquet, summary.json."),
+        topk: int = typer.Option(3, help="Results per search (match the RL environment's search_env.topk)."),
+        max_searches: int = typer.Option(2, help="Queries tried per item until the source passage comes back."),
+        max_info_tokens: int = typer.Option(
+            512, help="Search results kept per <information> block: tokens of --tokenizer, else words."
+        ),
+        tokenizer: str = typer.Option(None, help="The policy's tokenizer (HF name or dir), as the RL env truncates."),
+        keep_unfound: bool = typer.Option(False, help="Also keep items whose source passage no query retrieved."),
+        val_fraction: float = typer.Option(0.05, help="Share of ids held out (same rule as the RL parquet)."),
+        seed: int = typer.Option(0, help="Split seed and wording of the thoughts."),
+        limit: int = typer.Option(None, help="Only the first N items."),
+        wording: str = typer.Option("varied", help="varied | fixed (one wording, no copied names: tiny models)."),
+    ) -> None:
+        """Oracle trajectories (real search results, gold spans) in the SFT export's message layout."""
+        from masksearch_rl.sft.oracle import OracleConfig, write_oracle_sft
+
+        config = OracleConfig(topk=topk, max_info_tokens=max_info_tokens, tokenizer=tokenizer,
+                              max_searches=max_searches, seed=seed,
+                              keep_unfound=keep_unfound, val_fraction=val_fraction, limit=limit,
+                              wording=wording)
+        summary = write_oracle_sft(ramp, index, out, config)
+        summary.pop("config")
+        typer.echo(json.dumps(summary, indent=2))
+
+    @sft.command("warmup")
+    def warmup(
+        ramp: Path = typer.Option(..., "--ramp", exists=True, dir_okay=False, help="RAMP items JSONL."),
+        index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="Index directory."),
+        model: Path = typer.Option(..., "--model", exists=True, file_okay=False, help="HF model dir to start from."),
+        out: Path = typer.Option(..., "--out", help="Warm-up directory (data/, checkpoints/, train.log, model/)."),
+        steps: int = typer.Option(300, help="SFT steps."),
+        seed: int = typer.Option(0),
+        max_info_tokens: int = typer.Option(512, help="Tokens of search results per block (search_env's value)."),
+        wording: str = typer.Option("varied", help="varied | fixed (one wording, no copied names: tiny models)."),
+        layout: str = typer.Option("rl", help="rl (the RL rollout's token layout) | chat (verl's chat rendering)."),
+        probe: int = typer.Option(0, help="Afterwards, greedy RL-style rollouts on this many held-out items."),
+        overrides: list[str] = typer.Argument(None, help="Hydra overrides for recipes/configs/sft/quickstart."),
+    ) -> None:
+        """Oracle data + verl's SFT trainer (VERL_PLATFORM=cpu) -> a warmed-up HF model dir."""
+        from masksearch_rl.sft.oracle import OracleConfig
+        from masksearch_rl.sft.warmup import run_sft_warmup
+
+        oracle = OracleConfig(max_info_tokens=max_info_tokens, tokenizer=str(model), wording=wording, seed=seed)
+        model_dir = run_sft_warmup(ramp, index, model, out, steps, oracle=oracle, layout=layout,
+                                   overrides=list(overrides or []))
+        typer.echo(f"warmed-up model: {model_dir}")
+        if probe:
+            import pandas as pd
+
+            from masksearch_rl.jsonl import read_jsonl
+            from masksearch_rl.sft.warmup import ProbeConfig, probe_format
+
+            val_ids = set(pd.read_parquet(out / "data" / "val.parquet")["id"])
+            items = [item for item in read_jsonl(ramp) if str(item["id"]) in val_ids]
+            report = probe_format(model_dir, items, index, ProbeConfig(num_prompts=probe, max_info_tokens=max_info_tokens))
+            typer.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))

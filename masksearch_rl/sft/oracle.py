@@ -1,0 +1,241 @@
+"""Oracle trajectories for RAMP items: scripted search episodes that teach a model the tag protocol (SFT warm-up).
+
+Why: a freshly built (or small) model never writes ``<think>/<search>/<answer>`` on its own, so RL starts with a
+format reward of zero everywhere and learns nothing. An oracle knows each item's source passage and its masked spans;
+it searches for the passage with a query that really retrieves it from our index, and answers with the spans. Only
+the *search results* are real (the index's top-k for that query, formatted exactly as the RL environment formats
+them), so a trajectory is only kept when its evidence really holds the source passage.
+
+Layout (the one ``masksearch-rl sft export`` writes for verl's MultiTurnSFTDataset, see docs/cot_sft.md)::
+
+    system, user                              envs.prompts.ramp_messages (the RL prompt, word for word)
+    assistant  <think> … </think>\\n<search> query </search>
+    tool       <information>\\nDoc 1 (Title: …) …\\n</information>        (loss mask 0)
+    [ a second search when the first query missed the passage ]
+    assistant  <think> … </think>\\n<answer> span 1 | span 2 </answer>
+
+Queries, tried in order until the source passage is in the top-k: the item's title; the title with the passage's
+unmasked entities; the opening words of the masked passage with the masks removed. Each attempt is one round of
+the trajectory (at most ``max_searches``). Deterministic: the same items, index and seed give the same records
+(the wording of the thoughts is drawn per item from ``seed`` and the item id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from envs.prompts import (
+    MASK_TOKEN,
+    RAMP_INSTRUCTION,
+    SEARCH_NO_RESULTS,
+    answer_block,
+    information_block,
+    mask_count_phrase,
+    ramp_messages,
+)
+from envs.rollout import Segment, transcript_messages
+from envs.search_client import format_hits, truncate_to_budget
+from masksearch_rl.jsonl import BadLines, atomic_path, write_jsonl
+from masksearch_rl.retrieval.types import Hit, Retriever
+
+DATA_SOURCE = "ramp"
+
+FIRST_THOUGHTS = (
+    "The text is about {title}. I need {n} missing {spans}, so I will search for the passage about {title}.",
+    "To fill in {n} {mask_word} I need the original passage about {title}. Let me search for it.",
+    "The missing {spans} should be in the source passage about {title}. I will look it up.",
+)
+RETRY_THOUGHT = "The passage about {title} is not among the results. I will try a more specific query."
+FOUND_THOUGHT = "Doc {rank} is the passage about {title}. It gives the {n} missing {spans} in order."
+NOT_FOUND_THOUGHT = "The results do not contain the passage about {title}. I will answer with my best guess."
+# wording="fixed": one sentence per step and no copied names, for very small models (the quickstart's tiny one).
+# The closing thoughts repeat the prompt's mask count, so the answer that follows has the right number of spans.
+FIXED_THOUGHTS = {
+    "first": "I will search for the source passage of this text.",
+    "retry": "The source passage is not in the results. I will search again.",
+    "found": "The results contain the source passage. I will fill in the {count} in order.",
+    "not_found": "The results do not contain the source passage. I will guess the {count}.",
+}
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """``topk`` and ``max_info_tokens`` match the RL environment (``search_env.topk``, ``search_env.max_info_tokens``).
+
+    ``max_info_tokens`` counts tokens of ``tokenizer`` (a tokenizer name or path: the policy's, as the RL
+    environment truncates with the policy's tokenizer), or words when no tokenizer is given.
+    """
+
+    topk: int = 3
+    max_info_tokens: int = 512
+    tokenizer: str | None = None
+    max_searches: int = 2
+    seed: int = 0
+    # Keep trajectories whose searches never returned the source passage (their answer is then unsupported).
+    keep_unfound: bool = False
+    # Same default as the RL parquet export: the SFT validation items are the RL validation items.
+    val_fraction: float = 0.05
+    limit: int | None = None
+    # "varied": thoughts name the subject, three wordings drawn per item; "fixed": FIXED_THOUGHTS.
+    wording: str = "varied"
+
+    def __post_init__(self) -> None:
+        if self.wording not in ("varied", "fixed"):
+            raise ValueError(f"wording must be 'varied' or 'fixed', got {self.wording!r}")
+        if self.topk < 1 or self.max_searches < 1 or self.max_info_tokens < 1:
+            raise ValueError(f"topk, max_searches and max_info_tokens must be >= 1: {self}")
+
+
+def candidate_queries(item: dict[str, Any], max_queries: int) -> list[str]:
+    """Queries that should retrieve the item's source passage, most natural first, without repeats."""
+    title = str(item.get("title") or "").strip()
+    masks = {str(m).strip().lower() for m in item["masks"]}
+    entities = [str(e).strip() for e in item.get("entities") or []]
+    unmasked = [e for e in entities if e and e.lower() not in masks and e.lower() != title.lower()]
+    opening = " ".join(str(item["query"]).replace(MASK_TOKEN, " ").split()[:12])
+    candidates = [title, " ".join([title, *unmasked[:3]]).strip(), opening]
+    unique: list[str] = []
+    for query in candidates:
+        query = " ".join(query.split())
+        if query and query not in unique:
+            unique.append(query)
+    return unique[:max_queries]
+
+
+def source_rank(item: dict[str, Any], hits: list[Hit]) -> int | None:
+    """1-based rank of the item's source passage among ``hits`` (same id, or the same text), None when absent."""
+    passage = " ".join(str(item.get("passage", "")).split())
+    for rank, hit in enumerate(hits, start=1):
+        if hit.id == str(item["id"]) or (passage and " ".join(hit.text.split()) == passage):
+            return rank
+    return None
+
+
+def _wording(item_id: str, seed: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}\x1f{item_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def build_trajectory(
+    item: dict[str, Any], rounds: list[tuple[str, list[Hit]]], config: OracleConfig, tokenizer: Any | None = None
+) -> dict[str, Any]:
+    """The trajectory record for ``item`` given the searches made (query and its hits, in order).
+
+    ``tokenizer`` (the loaded ``config.tokenizer``) makes the information budget count tokens, as the RL env does.
+    """
+    masks = [str(m) for m in item["masks"]]
+    n = len(masks)
+    words = {"title": item.get("title") or "the subject", "n": n, "spans": "spans" if n > 1 else "span",
+             "mask_word": "masks" if n > 1 else "mask"}
+    rng = _wording(str(item["id"]), config.seed)
+    segments: list[Segment] = []
+    rank = None
+    for attempt, (query, hits) in enumerate(rounds):
+        if config.wording == "fixed":
+            thought = FIXED_THOUGHTS["first" if attempt == 0 else "retry"]
+        else:
+            thought = (rng.choice(FIRST_THOUGHTS) if attempt == 0 else RETRY_THOUGHT).format(**words)
+        segments.append(Segment("policy", f"<think> {thought} </think>\n<search> {query} </search>"))
+        text = truncate_to_budget(format_hits(hits), config.max_info_tokens, tokenizer) if hits else SEARCH_NO_RESULTS
+        segments.append(Segment("info", information_block(text)))
+        rank = source_rank(item, hits)
+    if config.wording == "fixed":
+        final = FIXED_THOUGHTS["found" if rank is not None else "not_found"].format(count=mask_count_phrase(n))
+    else:
+        final = (FOUND_THOUGHT if rank is not None else NOT_FOUND_THOUGHT).format(rank=rank, **words)
+    segments.append(Segment("policy", f"<think> {final} </think>\n{answer_block(masks)}"))
+    prompt = ramp_messages(str(item["query"]), instruction=item.get("instruction") or RAMP_INSTRUCTION)
+    return {
+        "id": str(item["id"]),
+        "data_source": DATA_SOURCE,
+        "keep": rank is not None or config.keep_unfound,
+        "found": rank is not None,
+        "source_rank": rank,
+        "queries": [query for query, _ in rounds],
+        "num_searches": len(rounds),
+        "num_masks": n,
+        "answer": masks,
+        "messages": [*prompt, *transcript_messages(segments)],
+        # What the RL loop would decode after the prompt (information blocks inline): what reward/ scores.
+        "response": "".join(segment.text for segment in segments),
+        "generator": "oracle",
+    }
+
+
+def oracle_trajectories(
+    items: list[dict[str, Any]], retriever: Retriever, config: OracleConfig
+) -> list[dict[str, Any]]:
+    """One trajectory per item; searches are batched per round (all items' first queries, then the misses')."""
+    tokenizer = None
+    if config.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    candidates = [candidate_queries(item, config.max_searches) for item in items]
+    rounds: list[list[tuple[str, list[Hit]]]] = [[] for _ in items]
+    pending = list(range(len(items)))
+    for attempt in range(config.max_searches):
+        asking = [i for i in pending if attempt < len(candidates[i])]
+        if not asking:
+            break
+        results = retriever.search([candidates[i][attempt] for i in asking], config.topk)
+        pending = []
+        for i, hits in zip(asking, results):
+            rounds[i].append((candidates[i][attempt], list(hits)))
+            if source_rank(items[i], hits) is None:
+                pending.append(i)
+    return [build_trajectory(item, item_rounds, config, tokenizer) for item, item_rounds in zip(items, rounds)]
+
+
+def write_oracle_sft(
+    ramp_items: str | Path, index_dir: str | Path, out_dir: str | Path, config: OracleConfig = OracleConfig()
+) -> dict[str, Any]:
+    """RAMP items + index -> ``out_dir/{trajectories.jsonl, train.parquet, val.parquet, summary.json}``.
+
+    Returns the summary: counts, how often the source passage was found (and at which rank / after how many
+    searches), the ids of items whose passage no query retrieved, and the export's counts.
+    """
+    from masksearch_rl.ramp.export import load_items
+    from masksearch_rl.retrieval.index import load_index
+    from masksearch_rl.sft.export import export_sft
+
+    bad = BadLines()
+    items, duplicates = load_items(ramp_items, bad)
+    if config.limit is not None:
+        items = items[: config.limit]
+    if not items:
+        raise ValueError(f"{ramp_items}: no valid RAMP items ({bad.summary()})")
+    records = oracle_trajectories(items, load_index(index_dir), config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "trajectories.jsonl", records)
+    export = export_sft([out / "trajectories.jsonl"], out, config.val_fraction, config.seed)
+    found = [r for r in records if r["found"]]
+    summary = {
+        "items": len(records),
+        "found": len(found),
+        "found_rate": round(len(found) / len(records), 4),
+        "kept": sum(r["keep"] for r in records),
+        "source_rank": dict(sorted(Counter(r["source_rank"] for r in found).items())),
+        "searches": dict(sorted(Counter(r["num_searches"] for r in records).items())),
+        "not_found_ids": [r["id"] for r in records if not r["found"]][:100],
+        "duplicates_skipped": duplicates,
+        "bad_lines": bad.summary(),
+        "export": export,
+        "config": asdict(config),
+    }
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def spans_of(answer_text: str) -> list[str]:
+    """The spans of an ``<answer>`` body as written by :func:`envs.prompts.answer_block` (for checks and tests)."""
+    return [span.strip() for span in re.split(r"\s\|\s", answer_text.strip())]

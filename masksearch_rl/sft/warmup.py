@@ -1,0 +1,287 @@
+"""SFT warm-up for the quickstart: oracle RAMP trajectories -> verl's SFT trainer (CPU) -> an HF model directory.
+
+Why: RL on a model that never writes the tag protocol gets a format reward of zero on every rollout and nothing to
+learn from. A few hundred SFT steps on oracle trajectories (masksearch_rl.sft.oracle) teach the tiny quickstart
+model the ``<think>/<search>/<answer>`` layout, so the RL stage starts with some well-formed rollouts.
+
+``run_sft_warmup`` runs verl's real trainer (``python -m masksearch_rl.sft.train``, recipe
+``recipes/configs/sft/quickstart/tiny_cpu.yaml``) in a subprocess with ``VERL_PLATFORM=cpu``, its output streamed to
+``out_dir/train.log``. Layout of ``out_dir``::
+
+    data/          trajectories.jsonl, train.parquet, val.parquet, summary.json   (oracle data)
+    checkpoints/   verl's checkpoints (global_step_<N>/ with huggingface/), resumed after a kill
+    hydra/         hydra's run directory (the composed config)
+    train.log      the trainer's stdout and stderr
+    model/         the warmed-up HF model (written last, atomically; its presence means done)
+
+``probe_format`` measures what the warm-up is for: greedy generation on held-out RAMP prompts, played the way the RL
+agent loop plays it (policy text up to ``</search>``, the real search results appended as an ``<information>``
+block in the same assistant turn, until ``</answer>``), scored with reward/format.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from masksearch_rl.jsonl import atomic_path
+from masksearch_rl.sft.oracle import OracleConfig, write_oracle_sft
+
+RECIPE_NAME = "tiny_cpu"
+DONE_FILE = "masksearch_sft.json"
+# Hydra overrides per training layout: "rl" = the RL rollout's token layout, "chat" = verl's chat rendering.
+LAYOUTS = {
+    "rl": ("data.custom_cls.path=pkg://masksearch_rl.sft.rl_layout_dataset", "data.custom_cls.name=RLLayoutSFTDataset"),
+    "chat": (),
+}
+
+
+def recipe_dir() -> Path:
+    """recipes/configs/sft/quickstart inside the installed package."""
+    import recipes.configs.sft
+
+    return Path(recipes.configs.sft.__file__).resolve().parent / "quickstart"
+
+
+def trainer_command(
+    train_dir: Path, val_dir: Path, model_dir: Path, checkpoint_dir: Path, hydra_dir: Path, steps: int,
+    overrides: Sequence[str] = (), config_name: str = RECIPE_NAME,
+) -> list[str]:
+    """The ``python -m masksearch_rl.sft.train`` command line for the quickstart recipe."""
+    save_freq = max(10, steps // 4)  # intermediate checkpoints: a killed warm-up resumes from the last one
+    return [
+        sys.executable, "-m", "masksearch_rl.sft.train",
+        "--config-path", str(recipe_dir()), "--config-name", config_name,
+        f"data.train_files={train_dir / 'train.parquet'}",
+        f"data.val_files={val_dir / 'val.parquet'}",
+        f"model.path={model_dir}",
+        f"trainer.default_local_dir={checkpoint_dir}",
+        f"trainer.total_training_steps={steps}",
+        f"trainer.save_freq={save_freq}",
+        f"hydra.run.dir={hydra_dir}",
+        *overrides,
+    ]
+
+
+def run_sft_warmup(
+    ramp_items: Path,
+    index_dir: Path,
+    model_dir: Path,
+    out_dir: Path,
+    steps: int = 300,
+    *,
+    oracle: OracleConfig | None = None,
+    layout: str = "rl",
+    device: str = "cpu",
+    overrides: Sequence[str] = (),
+    timeout_s: float | None = None,
+) -> Path:
+    """Warm ``model_dir`` up on oracle trajectories of ``ramp_items``; returns the trained HF model dir.
+
+    ``oracle`` shapes the data (default: information budgeted in the model's own tokens, as the RL env does);
+    ``layout="rl"`` trains on the RL rollout's token layout (:mod:`masksearch_rl.sft.rl_layout_dataset`), ``"chat"``
+    on verl's own MultiTurnSFTDataset rendering. Skips everything when ``out_dir/model`` is complete; otherwise
+    reuses the oracle data if present and resumes verl's training from its last checkpoint. ``device="cpu"`` runs
+    verl on our CPU platform (``VERL_PLATFORM=cpu``); anything else leaves verl's platform detection alone.
+    ``overrides`` are extra hydra overrides for the recipe (e.g. ``["optim.lr=1e-3"]``). Raises ``RuntimeError``
+    naming the log on failure.
+    """
+    from masksearch_rl.sft.train import final_hf_model_dir
+
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    final = out_dir / "model"
+    if (final / DONE_FILE).is_file():
+        return final
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    oracle = oracle or OracleConfig(tokenizer=str(model_dir))
+    data_dir = out_dir / "data"
+    if not (data_dir / "summary.json").is_file():
+        write_oracle_sft(ramp_items, index_dir, data_dir, oracle)
+    checkpoint_dir = out_dir / "checkpoints"
+    command = trainer_command(data_dir.resolve(), data_dir.resolve(), model_dir.resolve(), checkpoint_dir.resolve(),
+                              (out_dir / "hydra").resolve(), steps,
+                              [f"trainer.seed={oracle.seed}", *LAYOUTS[layout], *overrides])
+    env = dict(os.environ)
+    if device == "cpu":
+        env["VERL_PLATFORM"] = "cpu"
+    log_path = out_dir / "train.log"
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        try:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                                    cwd=str(out_dir))
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(f"SFT warm-up ran past {timeout_s:g} s; see {log_path}") from err
+    if result.returncode != 0:
+        raise RuntimeError(f"SFT warm-up failed (exit {result.returncode}); see {log_path}:\n{_tail(log_path)}")
+    hf_dir = final_hf_model_dir(checkpoint_dir)
+    if hf_dir is None or hf_dir.parent.name != f"global_step_{steps}":
+        raise RuntimeError(f"SFT warm-up finished but wrote no HF model for step {steps} under {checkpoint_dir}; "
+                           f"see {log_path}")
+    export_hf_model(hf_dir, final, {"steps": steps, "seed": oracle.seed, "layout": layout, "source": str(hf_dir),
+                                    "base_model": str(model_dir), "train_s": round(time.perf_counter() - started, 1)})
+    return final
+
+
+def export_hf_model(hf_dir: Path, out: Path, meta: dict[str, Any]) -> Path:
+    """Copy verl's ``huggingface/`` checkpoint to ``out`` (atomically) with a config whose dtype is the weights'.
+
+    verl writes ``config.json`` from a bfloat16 template while the weights keep the training dtype (fp32 here);
+    ``from_pretrained`` with ``dtype="auto"`` would otherwise load fp32 weights as bfloat16.
+    """
+    with atomic_path(out) as tmp:
+        shutil.copytree(hf_dir, tmp)
+        dtype = _weights_dtype(tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        if dtype is not None:
+            config["dtype"] = dtype
+            config_path.write_text(json.dumps(config, indent=2))
+        (tmp / DONE_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weights_dtype(model_dir: Path) -> str | None:
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                return _SAFETENSORS_DTYPES.get(str(handle.get_slice(name).get_dtype()).upper())
+    return None
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+# ------------------------------------------------------------------------------------------------ format probe
+@dataclass(frozen=True)
+class ProbeConfig:
+    """RL-like greedy rollouts: ``response_length`` and ``topk``/``max_info_tokens`` as in the quickstart RL run."""
+
+    num_prompts: int = 20
+    response_length: int = 512
+    max_turn_tokens: int = 96
+    max_searches: int = 4
+    topk: int = 3
+    max_info_tokens: int = 512
+    # "continue": the RL agent loop's layout (information as raw tokens inside the assistant turn);
+    # "turns": the SFT data's layout (information as a tool chat turn, then a new assistant turn).
+    layout: str = "continue"
+    # 0: greedy; > 0: sampling at this temperature (the RL rollout samples at 1.0), seeded by ``seed``.
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("continue", "turns"):
+            raise ValueError(f"layout must be 'continue' or 'turns', got {self.layout!r}")
+
+
+def probe_format(
+    model_dir: Path, items: list[dict[str, Any]], index_dir: Path, config: ProbeConfig = ProbeConfig()
+) -> dict[str, Any]:
+    """Greedy RL-style rollouts of ``model_dir`` on ``items``; returns the well-formed share and examples.
+
+    Each rollout: the RAMP prompt with the generation prompt; the model writes until ``</search>``, ``</answer>``
+    or EOS; a search is answered from the real index with the environment's own formatting
+    (``information_block(truncate_to_budget(format_hits(hits)))``) appended as raw tokens; repeat. The decoded
+    response (special tokens kept, as verl decodes it) is scored with ``reward.format.check_format``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from envs.prompts import (
+        ANSWER_CLOSE,
+        RAMP_INSTRUCTION,
+        SEARCH_CLOSE,
+        SEARCH_NO_RESULTS,
+        information_block,
+        ramp_messages,
+    )
+    from envs.search_client import format_hits, truncate_to_budget
+    from masksearch_rl.retrieval.index import load_index
+    from reward.format import check_format
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    retriever = load_index(index_dir)
+    stops = [SEARCH_CLOSE, ANSWER_CLOSE]
+    torch.manual_seed(config.seed)
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0} \
+        if config.temperature > 0 else {"do_sample": False}
+    results = []
+    for item in items[: config.num_prompts]:
+        messages = ramp_messages(item["query"], instruction=item.get("instruction") or RAMP_INSTRUCTION)
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        response_ids: list[int] = []  # as the RL loop builds it: policy tokens and raw information blocks
+        context_ids = list(prompt_ids)  # what the model is conditioned on (differs from it in "turns" layout)
+        turns: list[dict[str, str]] = []
+        searches = 0
+        while len(response_ids) < config.response_length:
+            budget = min(config.max_turn_tokens, config.response_length - len(response_ids))
+            with torch.no_grad():
+                out = model.generate(torch.tensor([context_ids]), max_new_tokens=budget, **sampling,
+                                     stop_strings=stops, tokenizer=tokenizer,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            new_ids = out[0, len(context_ids):].tolist()
+            keep, stop = _through_stop(new_ids, tokenizer, stops)
+            response_ids += new_ids[:keep]
+            context_ids += new_ids[:keep]
+            if stop != SEARCH_CLOSE or searches >= config.max_searches:
+                break
+            searches += 1
+            turn_text = tokenizer.decode(new_ids[:keep])
+            query = turn_text.rsplit("<search>", 1)[-1].split(SEARCH_CLOSE)[0].strip()
+            hits = retriever.search([query], config.topk)[0] if query else []
+            text = truncate_to_budget(format_hits(hits), config.max_info_tokens, tokenizer) if hits else \
+                SEARCH_NO_RESULTS
+            block = information_block(text)
+            response_ids += tokenizer.encode(block, add_special_tokens=False)
+            if config.layout == "continue":
+                context_ids += tokenizer.encode(block, add_special_tokens=False)
+            else:
+                turns += [{"role": "assistant", "content": turn_text.strip()},
+                          {"role": "tool", "content": block.strip()}]
+                context_ids = tokenizer.apply_chat_template(messages + turns, add_generation_prompt=True,
+                                                            tokenize=True, return_dict=True)["input_ids"]
+        response = tokenizer.decode(response_ids[: config.response_length])
+        result = check_format(response, num_masks=int(item["num_masks"]))
+        results.append({"id": item["id"], "ok": result.ok, "reason": result.reason.label,
+                        "num_searches": result.num_searches, "answer": result.answer, "response": response[:600]})
+    ok = sum(r["ok"] for r in results)
+    reasons: dict[str, int] = {}
+    for r in results:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return {"prompts": len(results), "well_formed": ok, "well_formed_rate": ok / max(1, len(results)),
+            "reasons": reasons, "examples": results[:3]}
+
+
+def _through_stop(ids: list[int], tokenizer: Any, stops: list[str]) -> tuple[int, str | None]:
+    """How many of ``ids`` to keep: through the first stop tag (or all); and which tag ended the turn."""
+    text = ""
+    for count, token in enumerate(ids, start=1):
+        text = tokenizer.decode(ids[:count])
+        for stop in stops:
+            if stop in text:
+                return count, stop
+    return len(ids), None
