@@ -8,10 +8,9 @@ their command functions, keeping ``masksearch-rl --help`` fast.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import typer
-
-from pathlib import Path
 
 from masksearch_rl.corpus import cli as corpus_cli
 from masksearch_rl.cot import cli as cot_cli
@@ -51,11 +50,20 @@ def quickstart(
     passages: int = typer.Option(2000, help="Passages in the synthetic world."),
     questions: int = typer.Option(200, help="Multi-hop questions generated over it."),
     seed: int = typer.Option(0),
+    train: bool = typer.Option(True, help="Run the training stages (tiny model, SFT warm-up, verl DAPO, report)."),
+    sft_steps: int = typer.Option(200, help="SFT warm-up steps on oracle trajectories (0: start RL from random weights)."),
+    rl_steps: int = typer.Option(4, help="DAPO steps through verl's main_ppo."),
+    wandb: bool = typer.Option(True, help="Log the RL run to W&B (offline unless WANDB_MODE is set)."),
 ) -> None:
-    """The main job on the embedded synthetic corpus: world -> index -> server -> searches -> RAMP -> curriculum."""
+    """The main job on the embedded synthetic corpus: world -> index -> server -> RAMP -> curriculum -> SFT -> RL."""
     from masksearch_rl.quickstart import QuickstartConfig, run_quickstart
 
-    run_quickstart(QuickstartConfig(out_dir=out_dir, passages=passages, questions=questions, seed=seed))
+    run_quickstart(
+        QuickstartConfig(
+            out_dir=out_dir, passages=passages, questions=questions, seed=seed, train=train, sft_steps=sft_steps,
+            rl_steps=rl_steps, wandb=wandb,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -353,7 +353,11 @@ def test_trainer_step_feeds_adaptive_with_rollout_scores(base_config, monkeypatc
         return SimpleNamespace(keys=keys, tags=step_scores["tags"], partition_id="train")
 
     def kv_batch_get(keys, partition_id, select_fields):
-        assert select_fields == ["rm_scores"] and partition_id == "train"
+        assert partition_id == "train"
+        if select_fields == ["extra_fields"]:  # the base trainer mode's env/* and reward/* metrics
+            return {"extra_fields": [{"search_count": len(r), "reward_extra_info": {"acc": r[-1]}}
+                                     for r in step_scores["rows"]]}
+        assert select_fields == ["rm_scores"]
         rows = [torch.tensor(r, dtype=torch.float32) for r in step_scores["rows"]]
         return {"rm_scores": torch.nested.nested_tensor(rows, layout=torch.jagged)}
 
@@ -369,6 +373,8 @@ def test_trainer_step_feeds_adaptive_with_rollout_scores(base_config, monkeypatc
 
     # Kept rows score 0+1 (the padding row's 5 is ignored); 1 filtered all-0 group of n=2 -> mean 1/4.
     m = run_step(1, [[0.0, 0.0], [0.0, 1.0], [5.0]], [{}, {}, {"is_padding": True}], {0.0: 1})
+    # masksearch_sync's per-episode means cover the kept rows only.
+    assert m["env/search_count/mean"] == 2.0 and m["reward/acc/mean"] == 0.5
     assert m[SCORE_METRIC] == pytest.approx(0.25)
     run_step(2, [[0.0], [1.0]], [{}, {}], {0.0: 1})
     assert trainer.curriculum_sampler.stage == 0  # mean 0.25 < 0.5

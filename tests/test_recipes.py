@@ -130,10 +130,10 @@ def test_recipe_packages_resolve_from_this_checkout():
 # --------------------------------------------------------------------------------- verl validation + dataclasses
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_passes_verl_startup_validation(recipe, tiny_model):
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import omega_conf_to_dataclass, validate_config
     from verl.trainer.config import AlgoConfig
     from verl.trainer.ppo.reward import resolve_reward_manager_cls
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
     from verl.workers.config import AgentLoopConfig, FSDPActorConfig, HFModelConfig, RolloutConfig
 
     cfg = compose(recipe)
@@ -200,8 +200,13 @@ def test_recipe_resolves_to_dapo(recipe):
         assert algorithm.filter_groups.enable is True and algorithm.filter_groups.metric == "acc"
         assert cfg.actor_rollout_ref.rollout.n in (8, 16)
         assert list(cfg.trainer.logger) == ["console", "wandb"]
+    elif recipe == "quickstart/tiny_cpu":
+        # The CPU quickstart filters on `score` (format bonus + recall): its SFT-warmed tiny model's groups differ
+        # in format, never in recall, so filtering on `acc` would drop every group.
+        assert algorithm.filter_groups.enable is True and algorithm.filter_groups.metric == "score"
+        assert fn.reward_kwargs.format_weight > 0
     else:
-        # Quickstart: filtering off on purpose (a tiny model scores all-zero groups and the refill would not end).
+        # A real 0.5B model at toy scale: filtering off (its groups may all score 0 and the refill would not end).
         assert algorithm.filter_groups.enable is False
     assert cfg.trainer.project_name == "masksearch-rl"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 import recipes.configs
 
@@ -54,6 +55,15 @@ class PPORun:
         ]
 
 
+def compose_recipe(recipe: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The recipe's config as ``main_ppo`` would see it (hydra compose over verl's config), without running it."""
+    from hydra import compose, initialize_config_dir
+
+    config_dir, _, config_name = recipe.rpartition("/")
+    with initialize_config_dir(config_dir=str(CONFIG_ROOT / config_dir), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
 def run_ppo(run: PPORun) -> float:
     """Run verl's trainer to completion; returns the wall time in seconds, raises :class:`TrainingFailed`."""
     run.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +75,7 @@ def run_ppo(run: PPORun) -> float:
     repo_root = str(CONFIG_ROOT.parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
     started = time.perf_counter()
-    console.print(f"[dim]$ {' '.join(run.command())}[/dim]\n[dim]log: {run.log_path}[/dim]")
+    console.print(f"[dim]$ {escape(' '.join(run.command()))}[/dim]\n[dim]log: {escape(str(run.log_path))}[/dim]")
     with open(run.log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
             run.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1

@@ -6,7 +6,6 @@ searches per episode and response length over steps — each drawn only if the r
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,17 +20,10 @@ PLOTS = (
 
 def load_metrics(path: str | Path) -> list[dict]:
     """Steps in order, each ``{"step": N, **metrics}``; a line that does not parse is an error naming it."""
-    steps = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                steps.append({"step": int(record["step"]), **record["data"]})
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: not a verl file-logger record ({err})") from err
-    return sorted(steps, key=lambda s: s["step"])
+    from masksearch_rl.jsonl import read_jsonl
+
+    records = read_jsonl(path, required=("step", "data"))
+    return sorted(({"step": int(r["step"]), **r["data"]} for r in records), key=lambda s: s["step"])
 
 
 def series(steps: list[dict], keys: tuple[str, ...]) -> tuple[str, list[int], list[float]] | None:
