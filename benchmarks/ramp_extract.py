@@ -33,7 +33,6 @@ from masksearch_rl.corpus.passage import Passage  # noqa: E402
 from masksearch_rl.ramp.extractors import OfflineExtractor  # noqa: E402
 from masksearch_rl.ramp.pipeline import RampConfig, build_item, generate_ramp, prepare_offline  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Passages
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import bm25s
 import Stemmer
-
 from fastapi import FastAPI
 from pydantic import BaseModel
 

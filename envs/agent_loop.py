@@ -61,9 +61,7 @@ from verl.utils.rollout_trace import rollout_trace_op
 
 from envs.prompts import (
     ANSWER_CLOSE,
-    SEARCH_CLOSE,
     SEARCH_LIMIT_REACHED,
-    SEARCH_OPEN,
     STOP_STRINGS,
     TAG_AGENT_NAME,
     find_stop,

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import verl  # noqa: F401 - loads our verl.plugins entry point, which registers masksearch_agent
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import verl  # noqa: F401 - loads our verl.plugins entry point, which registers masksearch_agent
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 
 # Taken before this file imports envs.agent_loop itself: what `import verl` alone registered.

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 
 from masksearch_rl.llm import LLMClient, LLMConfig, LLMError
 
-
 FAST_RETRY = {"retry-after-ms": "20"}  # the SDK honours it: keeps the retry tests fast
 
 

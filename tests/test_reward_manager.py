@@ -166,8 +166,8 @@ def test_registered_in_verl_as_a_dapo_manager():
 def test_recipes_select_the_manager_and_verl_builds_it(tokenizer_dir):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-    from verl.trainer.ppo.reward import load_reward_manager, resolve_reward_manager_cls
     from transformers import AutoTokenizer
+    from verl.trainer.ppo.reward import load_reward_manager, resolve_reward_manager_cls
 
     from reward.manager import MaskSearchRewardManager
 

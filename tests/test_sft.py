@@ -83,9 +83,9 @@ def test_multiturn_sft_dataset_masks_information(parquet, tokenizer):
 def test_deepspeed_runner_labels_equal_verl_mask(parquet, tokenizer):
     import torch
     from omegaconf import OmegaConf
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
     from masksearch_rl.sft.deepspeed_runner import IGNORE_INDEX, build_datasets, pad_collate
-    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
     out, _ = parquet
     config = _compose("stage1_ramp/qwen2.5-1.5b_8gpu", ["sft_backend=deepspeed", f"data.train_files={out}/train.parquet",

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from envs.prompts import find_stop
-from envs.prompts import STOP_STRINGS
+from envs.prompts import STOP_STRINGS, find_stop
 from envs.rollout import PolicyReply, Segment
 
 

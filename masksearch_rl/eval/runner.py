@@ -324,7 +324,7 @@ def sample_rows(records: Sequence[dict[str, Any]], per_dataset: int) -> list[lis
 
 
 def _track(tracker: Any, results: dict[str, Any], records: list[dict[str, Any]], log_samples: int) -> None:
-    from masksearch_rl.eval.report import TABLE_METRICS, table_rows, column_order
+    from masksearch_rl.eval.report import TABLE_METRICS, column_order, table_rows
 
     if not tracker.enabled:
         return

@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
