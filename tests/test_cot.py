@@ -104,6 +104,35 @@ def test_qa_and_ramp_trajectories_are_correct_and_well_formed(tmp_path, world, l
     assert llm_server.hits["planner"] >= len(records) and llm_server.hits["judge"] >= len(correct)
 
 
+def test_cli_logs_counts_and_a_trajectory_table_to_wandb_offline(tmp_path, world, llm_server, retrieval_url,
+                                                                  monkeypatch):
+    from typer.testing import CliRunner
+
+    from masksearch_rl.cli import app
+
+    _, _, _, ramp = world
+    items = tmp_path / "ramp.jsonl"
+    write_jsonl(items, ramp[:4])
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, [
+        "cot", "build", "--input", str(items), "--out", str(tmp_path / "traj.jsonl"), "--no-progress",
+        "--wandb-project", "masksearch-test", "--wandb-mode", "offline",
+        f"llm.default.base_url={llm_server.base_url}", "llm.default.api_key_env=COT_TEST_KEY",
+        "llm.default.timeout_s=5", f"search.backend.url={retrieval_url}",
+    ])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(tmp_path / "traj.jsonl")
+    [table_path] = tmp_path.glob("wandb/offline-run-*/files/media/table/cot/trajectories_*.table.json")
+    table = json.loads(table_path.read_text())
+    assert len(table["data"]) == len(records) == 4
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert {row["id"] for row in rows} == {r["id"] for r in records}
+    for row, record in zip(rows, records):
+        assert row["status"] == record["status"] and "[mask]" in row["prompt"]
+        if record["status"] == "correct":
+            assert row["searches"] and row["information"] and row["answer"] == record["answer"]
+
+
 def test_garbage_timeouts_429_wrong_and_loops_are_counted(tmp_path, world, llm_server, retrieval_url):
     _, _, questions, _ = world
     subset = questions[:6]

@@ -124,3 +124,18 @@ def test_eval_val_parquet_override_composes_into_a_recipe(tmp_path):
                   [result["override"], "trainer.test_freq=10"])
     assert list(cfg.data.val_files) == [str(Path(p).resolve()) for p in result["files"].values()]
     assert cfg.trainer.test_freq == 10
+
+
+def test_selfevolve_loop_trains_logs_and_serves_the_hf_checkpoint():
+    lines = dry_run("selfevolve_loop.sh", "1", "stage1_ramp/qwen2.5-1.5b_8gpu", ITEMS="items.jsonl",
+                    SEED_SET="cot.jsonl", JUDGE_URL="http://judge/v1", JUDGE_MODEL="judge", WANDB_PROJECT="ms")
+    export, sft, serve, iterate = (line[1:] for line in lines[:4])
+    assert export[3:5] == ["sft", "export"]
+    script = next(i for i, arg in enumerate(sft) if arg.endswith("sft_torchrun.sh"))
+    cfg = compose(REPO / "recipes" / "configs" / "sft" / "stage1_ramp", "qwen2.5-1.5b_8gpu", sft[script + 2:])
+    # The teacher's SFT logs to W&B and saves a Hugging Face dir, which is what vLLM then serves.
+    assert list(cfg.trainer.logger) == ["console", "wandb"] and cfg.trainer.experiment_name == "selfevolve-iter1"
+    assert "hf_model" in cfg.checkpoint.save_contents
+    assert serve[:2] == ["vllm", "serve"] and serve[2] == f"{cfg.trainer.default_local_dir}/global_step_N/huggingface"
+    assert iterate[3:5] == ["selfevolve", "iterate"]
+    assert iterate[iterate.index("--wandb-project") + 1] == "ms"

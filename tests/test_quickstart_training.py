@@ -88,7 +88,16 @@ def test_report_plots_and_offline_wandb(quickstart):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
     assert summary["rl"]["platform"]["VERL_PLATFORM"] == "cpu"
     runs = list((out / "rl" / "wandb").glob("offline-run-*"))
-    assert runs, "W&B logged in offline mode"
+    assert len(runs) == 1, "W&B logged in offline mode"
+    # Our trainer mode's table of training rollouts, one per step (trajectory_table_freq 1), with reward components.
+    tables = sorted(runs[0].glob("files/media/table/trajectories/train_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[0].read_text())
+    for column in ("prompt", "searches", "information", "answer", "gold", "score", "format", "recall"):
+        assert column in table["columns"], column
+    assert len(table["data"]) == 8
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert "[mask]" in row["prompt"] and row["step"] == 1
 
 
 @pytest.mark.skipif(SFT_STEPS == 0, reason="no SFT warm-up requested")

@@ -50,3 +50,31 @@ def test_two_iterations_use_fresh_items_and_merge_without_duplicates(tmp_path):
     assert len(pd.read_parquet(tmp_path / "se" / "iter_2" / "sft" / "train.parquet")) == len(merged)
     stats = json.loads((tmp_path / "se" / "iter_2" / "stats.json").read_text())
     assert stats["iteration"] == 2 and stats["fresh_items"] == 4
+
+
+def test_cli_logs_stats_and_teacher_trajectories_to_wandb_offline(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from masksearch_rl.cli import app
+
+    write_synthetic_corpus(tmp_path, num_passages=60, num_questions=1, seed=6, progress=False)
+    generate_ramp(RampConfig(corpus=tmp_path / "corpus.jsonl", out=tmp_path / "ramp.jsonl", limit=4, progress=False))
+    items = read_jsonl(tmp_path / "ramp.jsonl")
+    retriever = load_index(build_index(tmp_path / "corpus.jsonl", tmp_path / "index", kind="bm25",
+                                       show_progress=False))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("SE_TEST_KEY", "test")
+    with running_server(create_app(retriever, ServerConfig(max_topk=10))) as url, ScriptedServer(items) as llm:
+        result = CliRunner().invoke(app, [
+            "selfevolve", "iterate", "-i", "1", "--items", str(tmp_path / "ramp.jsonl"),
+            "--work-dir", str(tmp_path / "se"), "--teacher-url", llm.base_url, "--teacher-model", "teacher",
+            "--judge-url", llm.base_url, "--judge-model", "judge", "--api-key-env", "SE_TEST_KEY",
+            "--retrieval-url", url, "--num-items", "3", "--no-progress",
+            "--wandb-project", "masksearch-test", "--wandb-mode", "offline",
+        ])
+    assert result.exit_code == 0, result.output
+    teacher = read_jsonl(tmp_path / "se" / "iter_1" / "teacher.jsonl")
+    [table_path] = tmp_path.glob("wandb/offline-run-*/files/media/table/selfevolve/teacher_trajectories_*.json")
+    table = json.loads(table_path.read_text())
+    assert [row[table["columns"].index("id")] for row in table["data"]] == [r["id"] for r in teacher]
+    assert len(teacher) == 3 and json.loads(result.output[result.output.index("{"):])["fresh_items"] == 3

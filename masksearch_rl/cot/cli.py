@@ -45,13 +45,25 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="Only the first N input records."),
         concurrency: Optional[int] = typer.Option(None, help="Tasks in flight."),
         progress: bool = typer.Option(True, help="Progress bar."),
+        wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="Log counts and a trajectory "
+                                                    "table to W&B (key from $WANDB_API_KEY; WANDB_MODE=offline ok)."),
+        wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
+        wandb_mode: Optional[str] = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
         overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings, e.g. max_rounds=8"),
     ) -> None:
         """Build trajectories; resumable (re-run the same command after a kill)."""
-        from masksearch_rl.cot.pipeline import run_cot
+        from dataclasses import asdict
+
+        from masksearch_rl.cot.pipeline import record_table, run_cot
+        from masksearch_rl.tracking import TrackingConfig, start_run
 
         cfg = load_config(config, overrides or [], input=str(input), out=str(out), limit=limit,
                           concurrency=concurrency, progress=progress)
-        summary = run_cot(cfg)
+        tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode)
+        with start_run(tracking, "cot-build", asdict(cfg)) as tracker:
+            summary = run_cot(cfg)
+            tracker.summary({"run": summary["run"], "file": summary["file"], "judge": summary["judge"]})
+            if tracker.enabled:
+                tracker.log_table("cot/trajectories", *record_table(out))
         typer.echo(json.dumps(summary["run"], indent=2))
         typer.echo(f"file totals: {json.dumps(summary['file'])}")

@@ -357,6 +357,27 @@ async def _run(config: CotConfig) -> dict[str, Any]:
     return summary
 
 
+RECORD_COLUMNS = ("id", "kind", "prompt", "searches", "information", "answer", "gold", "status", "reason", "judge",
+                  "keep", "num_searches")
+
+
+def record_table(path: str | Path, limit: int = 20) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of a W&B table of the first ``limit`` trajectory records in ``path`` (``cot build`` and
+    self-evolve write the same record): the question, the searches, what came back, the answer and its labels."""
+    from masksearch_rl.eval.trajectories import parse_response
+
+    rows = []
+    for _, record in iter_jsonl(path, bad=BadLines()):
+        if len(rows) >= limit:
+            break
+        parsed = parse_response(str(record.get("response", "")))
+        users = [m.get("content") for m in record.get("messages", []) if m.get("role") == "user"]
+        rows.append([record.get("id"), record.get("kind"), users[0] if users else None, parsed["searches"],
+                     parsed["information"], record.get("answer"), record.get("gold"), record.get("status"),
+                     record.get("reason"), record.get("judge"), record.get("keep"), record.get("num_searches")])
+    return list(RECORD_COLUMNS), rows
+
+
 def file_counts(path: str | Path) -> dict[str, int]:
     """Counts over a whole output file, by status, and how many records are kept (recounted, never carried)."""
     counts: Counter = Counter()

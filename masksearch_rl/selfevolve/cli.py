@@ -31,9 +31,17 @@ def register(app: typer.Typer) -> None:
         chat_mode: str = typer.Option("turns", help="turns (any chat API) | continue (vLLM continue_final_message)."),
         concurrency: int = typer.Option(32),
         progress: bool = typer.Option(True),
+        wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="Log the iteration's stats and a "
+                                                    "teacher-trajectory table to W&B (WANDB_MODE=offline ok)."),
+        wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
+        wandb_mode: Optional[str] = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
     ) -> None:
         """Teacher rollouts on fresh items -> judge -> merge into D_T -> SFT parquet; stats in iter_<i>/stats.json."""
+        from dataclasses import asdict
+
+        from masksearch_rl.cot.pipeline import record_table
         from masksearch_rl.selfevolve.iteration import IterationConfig, run_iteration
+        from masksearch_rl.tracking import TrackingConfig, start_run
 
         config = IterationConfig(
             iteration=iteration, items=str(items), work_dir=str(work_dir),
@@ -44,4 +52,11 @@ def register(app: typer.Typer) -> None:
             search={"backend": {"type": "server", "url": retrieval_url}}, num_items=num_items, max_turns=max_turns,
             chat_mode=chat_mode, concurrency=concurrency, progress=progress,
         )
-        typer.echo(json.dumps(run_iteration(config), indent=2))
+        tracking = TrackingConfig(project=wandb_project, name=wandb_name or f"selfevolve-iter{iteration}",
+                                  mode=wandb_mode)
+        with start_run(tracking, "selfevolve", asdict(config)) as tracker:
+            stats = run_iteration(config)
+            tracker.summary(stats)
+            if tracker.enabled:
+                tracker.log_table("selfevolve/teacher_trajectories", *record_table(config.iter_dir / "teacher.jsonl"))
+        typer.echo(json.dumps(stats, indent=2))

@@ -165,6 +165,9 @@ def train(config: Any) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(config.model.get("tokenizer_path") or model_path,
                                               trust_remote_code=bool(config.model.trust_remote_code))
     train_set, val_set = build_datasets(config, tokenizer)
+    if "wandb" in list(config.trainer.logger):
+        # HF's W&B callback reads the project only from the environment (else it logs to "huggingface").
+        os.environ.setdefault("WANDB_PROJECT", str(config.trainer.project_name))
     # Built after TrainingArguments so that ZeRO-3 partitions the weights while loading them.
     arguments = TrainingArguments(**training_arguments(config, world_size))
     dtype = "bfloat16" if config.masksearch_sft.bf16 else "float32"

@@ -9,13 +9,17 @@ It is verl's ``PPOTrainerSync`` with three changes, all by overriding methods:
   * ``step``: verl's V1 trainer logs neither the agent loop's extra fields nor the reward's components for training
     batches (only at validation). After each step we read them back from TransferQueue and log per-episode means:
     ``env/*`` (searches, search errors and latency, information tokens, model turns, finish reasons) and
-    ``reward/*`` (every numeric component compute_score returned: acc, format, recall, judge, ...).
+    ``reward/*`` (every numeric component compute_score returned: acc, format, recall, judge, ...). When W&B is one
+    of ``trainer.logger``, every ``masksearch_tracking.trajectory_table_freq`` steps a W&B table
+    ``trajectories/train`` shows a few of the step's rollouts: prompt, searches, information, answer, gold and the
+    reward components (verl itself tables only validation samples, without the components).
 
 Stage II and any run without a curriculum use this mode; the curriculum mode (``masksearch_curriculum``) extends it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -28,6 +32,8 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from masksearch_rl.verl_ext.workers import PlatformActorRolloutRefWorker
+
+logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "masksearch_sync"
 
@@ -98,4 +104,48 @@ class MaskSearchPPOTrainer(PPOTrainerSync):
             if not tag.get("is_padding", False)
         ]
         metrics.update(episode_metrics(rows))
+        if self._table_due():
+            try:
+                self._log_trajectory_table(batch, rows)
+            except Exception:  # a sample table is never worth a training run
+                logger.exception("could not log the trajectory table at step %d", self.global_steps)
         return batch
+
+    def _table_due(self) -> bool:
+        settings = self.config.get("masksearch_tracking") or {}
+        freq = int(settings.get("trajectory_table_freq", 0) or 0)
+        return freq > 0 and "wandb" in list(self.config.trainer.logger) and (self.global_steps - 1) % freq == 0
+
+    def _log_trajectory_table(self, batch, extra_fields: list) -> None:
+        """A W&B table of the step's first rollouts, logged at verl's step (verl logs the metrics after us)."""
+        import wandb
+
+        from masksearch_rl.eval.trajectories import trajectory_rows
+
+        if wandb.run is None:
+            return
+        limit = int((self.config.get("masksearch_tracking") or {}).get("trajectory_table_rows", 8))
+        keys = [key for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
+        keys = keys[:limit]
+        if not keys:
+            return
+        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id,
+                               select_fields=["prompts", "responses", "reward_model", "rm_scores"])
+        pad = self.tokenizer.pad_token_id
+        prompts = data["prompts"].to_padded_tensor(padding=pad)  # jagged in TransferQueue, as verl's own dump reads
+        responses = data["responses"].to_padded_tensor(padding=pad)
+        scores = data["rm_scores"].to_padded_tensor(padding=0.0).sum(dim=1).tolist()
+        reward_models = [getattr(item, "data", item) for item in data["reward_model"]]
+        records = []
+        for i, fields in enumerate(extra_fields[: len(keys)]):
+            reward_info = fields.get("reward_extra_info", {}) if isinstance(fields, Mapping) else {}
+            records.append({
+                "step": self.global_steps,
+                "input": self.tokenizer.decode(prompts[i], skip_special_tokens=True),
+                "output": self.tokenizer.decode(responses[i], skip_special_tokens=True),
+                "gts": (reward_models[i] or {}).get("ground_truth"),
+                "score": float(scores[i]),
+                **{k: v for k, v in reward_info.items() if isinstance(v, (int, float, str, bool))},
+            })
+        columns, table_rows = trajectory_rows(records)
+        wandb.log({"trajectories/train": wandb.Table(columns=columns, data=table_rows)}, step=self.global_steps)

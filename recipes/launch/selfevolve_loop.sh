@@ -6,7 +6,8 @@
 #   ITEMS=runs/ramp/items.jsonl SEED_SET=runs/cot/ramp.jsonl JUDGE_URL=http://judge:8000/v1 JUDGE_MODEL=Qwen2.5-72B \
 #     recipes/launch/selfevolve_loop.sh <iterations> [sft recipe, default stage1_ramp/qwen2.5-7b_8gpu]
 # Environment: NUM_ITEMS (default 2000), WORK_DIR (runs/selfevolve), RETRIEVAL_URL (http://127.0.0.1:8000),
-#   VLLM_PORT (8100), PYTHON (python), DRY_RUN=1 prints the steps.
+#   VLLM_PORT (8100), PYTHON (python), SFT_LOGGER (trainer.logger of the SFT step, default [console,wandb]),
+#   WANDB_PROJECT (also log each iteration's stats and teacher trajectories), DRY_RUN=1 prints the steps.
 set -euo pipefail
 [[ $# -ge 1 && $1 != -h ]] || { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 iterations=$1
@@ -22,14 +23,15 @@ for ((i = 1; i <= iterations; i++)); do
     run "$py" -m masksearch_rl.cli sft export "$dataset" --out-dir "$work/iter_$i/teacher_data" --val-fraction 0.02
     run env MASKSEARCH_DATA_DIR="$work/iter_$i/teacher_data/.." "$repo/recipes/launch/sft_torchrun.sh" "$recipe" \
         data.train_files="$work/iter_$i/teacher_data/train.parquet" data.val_files="$work/iter_$i/teacher_data/val.parquet" \
-        trainer.default_local_dir="$sft_dir" trainer.logger='[console]'
+        trainer.default_local_dir="$sft_dir" trainer.logger="${SFT_LOGGER:-[console,wandb]}" \
+        trainer.experiment_name="selfevolve-iter$i"
+    # The SFT recipes save a Hugging Face model dir with every checkpoint (checkpoint.save_contents has hf_model).
     last=$(ls -d "$sft_dir"/global_step_* 2>/dev/null | sort -V | tail -1 || true)
-    run "$py" -m verl.model_merger merge --backend fsdp --local_dir "${last:-$sft_dir/global_step_N}" \
-        --target_dir "$sft_dir/hf_model"
+    hf_model=${last:-$sft_dir/global_step_N}/huggingface
     if [[ ${DRY_RUN:-0} == 1 ]]; then
-        echo "+ vllm serve $sft_dir/hf_model --port $port --served-model-name teacher &"
+        echo "+ vllm serve $hf_model --port $port --served-model-name teacher &"
     else
-        vllm serve "$sft_dir/hf_model" --port "$port" --served-model-name teacher --tensor-parallel-size 8 &
+        vllm serve "$hf_model" --port "$port" --served-model-name teacher --tensor-parallel-size 8 &
         vllm_pid=$!
         trap 'kill $vllm_pid 2>/dev/null || true' EXIT
         until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do sleep 5; done
@@ -37,7 +39,8 @@ for ((i = 1; i <= iterations; i++)); do
     run "$py" -m masksearch_rl.cli selfevolve iterate --iteration "$i" --items "${ITEMS:?set ITEMS}" \
         --work-dir "$work" --dataset "$dataset" --teacher-url "http://127.0.0.1:$port/v1" --teacher-model teacher \
         --judge-url "${JUDGE_URL:?}" --judge-model "${JUDGE_MODEL:?}" --num-items "${NUM_ITEMS:-2000}" \
-        --retrieval-url "${RETRIEVAL_URL:-http://127.0.0.1:8000}" --no-progress
+        --retrieval-url "${RETRIEVAL_URL:-http://127.0.0.1:8000}" --no-progress \
+        ${WANDB_PROJECT:+--wandb-project "$WANDB_PROJECT" --wandb-name "selfevolve-iter$i"}
     [[ ${DRY_RUN:-0} == 1 ]] || { kill "$vllm_pid"; wait "$vllm_pid" 2>/dev/null || true; trap - EXIT; }
     dataset=$work/iter_$i/dataset.jsonl
     echo "iteration $i done: $(cat "$work/iter_$i/stats.json" 2>/dev/null | head -c 400)"
