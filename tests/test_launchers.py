@@ -107,7 +107,7 @@ def test_slurm_sft_runs_one_torchrun_per_node_and_composes():
     assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=0", "--master_addr=g0"} <= set(torchrun)
     i = torchrun.index("--config-name")
     config_path = Path(torchrun[torchrun.index("--config-path") + 1])
-    assert torchrun[torchrun.index("-m", 3) + 1] == "verl.trainer.sft_trainer"
+    assert torchrun[torchrun.index("-m", 3) + 1] == "masksearch_rl.sft.train"
     cfg = compose(config_path, torchrun[i + 1], torchrun[i + 2:])
     assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node, cfg.trainer.total_epochs) == (2, 8, 2)
 
@@ -136,6 +136,6 @@ def test_selfevolve_loop_trains_logs_and_serves_the_hf_checkpoint():
     # The teacher's SFT logs to W&B and saves a Hugging Face dir, which is what vLLM then serves.
     assert list(cfg.trainer.logger) == ["console", "wandb"] and cfg.trainer.experiment_name == "selfevolve-iter1"
     assert "hf_model" in cfg.checkpoint.save_contents
-    assert serve[:2] == ["vllm", "serve"] and serve[2] == f"{cfg.trainer.default_local_dir}/global_step_N/huggingface"
+    assert serve[:2] == ["vllm", "serve"] and serve[2] == f"{cfg.trainer.default_local_dir}/hf_model"
     assert iterate[3:5] == ["selfevolve", "iterate"]
     assert iterate[iterate.index("--wandb-project") + 1] == "ms"

@@ -152,6 +152,8 @@ def test_real_verl_sft_on_cpu_lowers_loss_and_writes_a_loadable_model(world, tmp
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     hf_dir = final_hf_model_dir(tmp_path / "ckpt")
     assert hf_dir is not None and hf_dir.parent.name == "global_step_20"
+    # Every SFT run leaves its model at <default_local_dir>/hf_model (what Stage II recipes and vLLM load).
+    assert (tmp_path / "ckpt" / "hf_model").resolve() == hf_dir.resolve()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     trained = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
@@ -304,3 +306,26 @@ def test_oracle_budgets_information_in_the_policys_tokens(world):
         # The closing thought repeats the prompt's mask count, which the prompt states.
         count = f"{item['num_masks']} [mask]"
         assert count in record["messages"][1]["content"] and count in record["messages"][-1]["content"]
+
+
+def test_deepspeed_backend_runs_through_the_same_entry_and_leaves_hf_model(world, tmp_path):
+    """sft_backend=deepspeed: masksearch_rl.sft.train dispatches to the HF Trainer runner (ZeRO-3 off on a CPU);
+    same parquet, same loss mask, and the model lands at the same <default_local_dir>/hf_model."""
+    from transformers import AutoModelForCausalLM
+
+    from masksearch_rl.sft.warmup import trainer_command
+
+    sft = world["root"] / "sft"
+    command = trainer_command(sft, sft, world["model"], tmp_path / "ckpt", tmp_path / "hydra", steps=4,
+                              overrides=["sft_backend=deepspeed", "masksearch_sft.deepspeed_config=null",
+                                         "masksearch_sft.bf16=false", "data.train_batch_size=2",
+                                         "data.micro_batch_size_per_gpu=2", "trainer.save_freq=-1"])
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "VERL_PLATFORM": "cpu"},
+                         cwd=tmp_path, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "train_loss" in log
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "hf_model")
+    base = AutoModelForCausalLM.from_pretrained(world["model"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not dict(model.named_parameters())[name].equal(dict(base.named_parameters())[name])

@@ -1,8 +1,16 @@
-"""verl's SFT trainer on any platform, the CPU included: ``python -m masksearch_rl.sft.train <hydra overrides>``.
+"""Our SFT entry point: ``[torchrun ...] python -m masksearch_rl.sft.train <hydra overrides>``.
 
-Same configs, same command line and same trainer as ``torchrun -m verl.trainer.sft_trainer`` (verl's config
-``sft_trainer_engine`` by default; ``--config-path/--config-name`` pick one of our recipes). Works under torchrun and
-as a plain single process (the rendezvous variables default to one local rank).
+Same configs, same command line and, for the default backend, the same trainer as ``torchrun -m
+verl.trainer.sft_trainer`` (verl's config ``sft_trainer_engine`` by default; ``--config-path/--config-name`` pick one
+of our recipes). Works under torchrun and as a plain single process (the rendezvous variables default to one local
+rank). What it adds, so that every SFT run ends the same way whatever the backend and platform:
+
+* ``masksearch_sft.backend`` picks the trainer: ``fsdp`` (verl's SFTTrainer) or ``deepspeed``
+  (:mod:`masksearch_rl.sft.deepspeed_runner`, HF Trainer + ZeRO-3), so launchers need not parse overrides;
+* the trained model is always at ``<trainer.default_local_dir>/hf_model``: the DeepSpeed runner writes it there, and
+  after verl's trainer rank 0 links it to the newest ``global_step_<N>/huggingface`` (written when
+  ``checkpoint.save_contents`` has ``hf_model``, as our recipes set). Stage II recipes and vLLM load that path;
+* the CPU platform (below).
 
 Why a separate entry: verl 0.9.1's ``run_sft`` opens its process group as ``"cpu:gloo,{device}:{backend}"``, which on
 our CPU platform reads ``"cpu:gloo,cpu:gloo"`` and torch rejects it (a device type named twice); and verl's
@@ -41,7 +49,22 @@ def _default_rendezvous() -> None:
 
 
 def run(config) -> None:
-    """Train with verl's SFTTrainer under ``config`` (a composed ``sft_trainer_engine`` config)."""
+    """Train under ``config`` (a composed ``sft_trainer_engine`` config) with the backend it names."""
+    backend = (config.get("masksearch_sft") or {}).get("backend", "fsdp")
+    if backend == "deepspeed":
+        from masksearch_rl.sft.deepspeed_runner import train
+
+        logger.info("DeepSpeed/HF runner: %s", train(config))
+        return
+    if backend != "fsdp":
+        raise ValueError(f"masksearch_sft.backend must be 'fsdp' or 'deepspeed', got {backend!r}")
+    _run_verl(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        linked = link_final_hf_model(config.trainer.default_local_dir)
+        logger.info("final model: %s", linked or "none (checkpoint.save_contents lacks hf_model?)")
+
+
+def _run_verl(config) -> None:
     from omegaconf import open_dict
     from verl.trainer import sft_trainer
     from verl.utils.device import auto_set_device, get_device_name
@@ -76,6 +99,26 @@ def final_hf_model_dir(checkpoint_dir: str | Path) -> Path | None:
     hf_dir = checkpoint_dir / f"global_step_{step}" / "huggingface"
     has_weights = any(hf_dir.glob("*.safetensors")) or any(hf_dir.glob("*.bin"))
     return hf_dir if (hf_dir / "config.json").is_file() and has_weights else None
+
+
+FINAL_MODEL_LINK = "hf_model"
+
+
+def link_final_hf_model(checkpoint_dir: str | Path) -> Path | None:
+    """Point ``<checkpoint_dir>/hf_model`` at the newest checkpoint's HF model (a relative symlink, swapped in with
+    one rename so a reader never sees it missing); None when no checkpoint has one."""
+    checkpoint_dir = Path(checkpoint_dir)
+    hf_dir = final_hf_model_dir(checkpoint_dir)
+    if hf_dir is None:
+        return None
+    link = checkpoint_dir / FINAL_MODEL_LINK
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} exists and is not our link; move it away")
+    tmp = checkpoint_dir / f".{FINAL_MODEL_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(hf_dir.relative_to(checkpoint_dir), target_is_directory=True)
+    os.replace(tmp, link)
+    return link
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 #   ITEMS=runs/ramp/items.jsonl SEED_SET=runs/cot/ramp.jsonl JUDGE_URL=http://judge:8000/v1 JUDGE_MODEL=Qwen2.5-72B \
 #     recipes/launch/selfevolve_loop.sh <iterations> [sft recipe, default stage1_ramp/qwen2.5-7b_8gpu]
 # Environment: NUM_ITEMS (default 2000), WORK_DIR (runs/selfevolve), RETRIEVAL_URL (http://127.0.0.1:8000),
-#   VLLM_PORT (8100), PYTHON (python), SFT_LOGGER (trainer.logger of the SFT step, default [console,wandb]),
+#   VLLM_PORT (8100), VLLM_START_TIMEOUT (1800 s), PYTHON (python), SFT_LOGGER (trainer.logger of the SFT step, default [console,wandb]),
 #   WANDB_PROJECT (also log each iteration's stats and teacher trajectories), DRY_RUN=1 prints the steps.
 set -euo pipefail
 [[ $# -ge 1 && $1 != -h ]] || { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -25,16 +25,21 @@ for ((i = 1; i <= iterations; i++)); do
         data.train_files="$work/iter_$i/teacher_data/train.parquet" data.val_files="$work/iter_$i/teacher_data/val.parquet" \
         trainer.default_local_dir="$sft_dir" trainer.logger="${SFT_LOGGER:-[console,wandb]}" \
         trainer.experiment_name="selfevolve-iter$i"
-    # The SFT recipes save a Hugging Face model dir with every checkpoint (checkpoint.save_contents has hf_model).
-    last=$(ls -d "$sft_dir"/global_step_* 2>/dev/null | sort -V | tail -1 || true)
-    hf_model=${last:-$sft_dir/global_step_N}/huggingface
+    # masksearch_rl.sft.train leaves the trained model (either backend) at <default_local_dir>/hf_model.
+    hf_model=$sft_dir/hf_model
+    [[ ${DRY_RUN:-0} == 1 || -f $hf_model/config.json ]] || { echo "error: SFT left no model at $hf_model" >&2; exit 1; }
     if [[ ${DRY_RUN:-0} == 1 ]]; then
         echo "+ vllm serve $hf_model --port $port --served-model-name teacher &"
     else
         vllm serve "$hf_model" --port "$port" --served-model-name teacher --tensor-parallel-size 8 &
         vllm_pid=$!
         trap 'kill $vllm_pid 2>/dev/null || true' EXIT
-        until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do sleep 5; done
+        deadline=$((SECONDS + ${VLLM_START_TIMEOUT:-1800}))
+        until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
+            kill -0 "$vllm_pid" 2>/dev/null || { echo "error: vLLM exited before serving $hf_model" >&2; exit 1; }
+            ((SECONDS < deadline)) || { echo "error: vLLM not healthy after ${VLLM_START_TIMEOUT:-1800}s" >&2; exit 1; }
+            sleep 5
+        done
     fi
     run "$py" -m masksearch_rl.cli selfevolve iterate --iteration "$i" --items "${ITEMS:?set ITEMS}" \
         --work-dir "$work" --dataset "$dataset" --teacher-url "http://127.0.0.1:$port/v1" --teacher-model teacher \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# SFT one recipe on this node with torchrun: verl's FSDP sft_trainer, or our DeepSpeed ZeRO-3 runner when the
-# overrides say sft_backend=deepspeed.
+# SFT one recipe on this node with torchrun through masksearch_rl.sft.train: verl's FSDP sft_trainer, or our
+# DeepSpeed ZeRO-3 runner when the composed config says masksearch_sft.backend=deepspeed (sft_backend=deepspeed).
+# Either way the trained model ends up at <trainer.default_local_dir>/hf_model.
 #
 # Usage (from the repo root):
 #   recipes/launch/sft_torchrun.sh <stage>/<recipe> [hydra overrides ...]
@@ -25,15 +26,11 @@ if [[ ! -f $repo/recipes/configs/sft/$recipe.yaml ]]; then
     (cd "$repo/recipes/configs/sft" && ls -1 stage*/*.yaml | sed 's|\.yaml$||') >&2
     exit 2
 fi
-module=verl.trainer.sft_trainer
-for arg in "$@"; do
-    [[ $arg == sft_backend=deepspeed ]] && module=masksearch_rl.sft.deepspeed_runner
-done
 nnodes=${NNODES:-1}
 n_gpus=${N_GPUS:-8}
 cmd=("${PYTHON:-python}" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$n_gpus"
      --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}"
-     -m "$module" --config-path "$repo/recipes/configs/sft/${recipe%%/*}" --config-name "${recipe#*/}"
+     -m masksearch_rl.sft.train --config-path "$repo/recipes/configs/sft/${recipe%%/*}" --config-name "${recipe#*/}"
      trainer.nnodes="$nnodes" trainer.n_gpus_per_node="$n_gpus" "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
