@@ -68,7 +68,8 @@ class Tracker(Protocol):
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
 
-    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None,
+                  metrics: Mapping[str, Any] | None = None) -> None: ...
 
     def log_images(self, images: Mapping[str, str | os.PathLike], step: int | None = None) -> None: ...
 
@@ -86,7 +87,8 @@ class NullTracker:
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         return None
 
-    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None,
+                  metrics: Mapping[str, Any] | None = None) -> None:
         return None
 
     def log_images(self, images: Mapping[str, str | os.PathLike], step: int | None = None) -> None:
@@ -120,11 +122,14 @@ class WandbTracker:
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self.run.log(dict(flatten(metrics)), step=step)
 
-    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None,
+                  metrics: Mapping[str, Any] | None = None) -> None:
+        """Log a table, and ``metrics`` in the same history row. One call, because W&B's step only moves forward:
+        a table logged without a step advances it, and numbers logged after it at that ``step`` are dropped."""
         import wandb
 
         table = wandb.Table(columns=list(columns), data=[[_cell(v) for v in row] for row in rows], allow_mixed_types=True)
-        self.run.log({name: table})
+        self.run.log({**dict(flatten(metrics or {})), name: table}, step=step)
 
     def log_images(self, images: Mapping[str, str | os.PathLike], step: int | None = None) -> None:
         import wandb

@@ -60,6 +60,13 @@ def test_public_formats(tmp_path):
     (tmp_path / "nq-open-dev.jsonl").write_text(json.dumps({"question": "who sang it", "answer": ["Prince", "P"]}))
     (tmp_path / "triviaqa-unfiltered-dev.json").write_text(json.dumps({"Version": 1, "Data": [
         {"QuestionId": "tc_1", "Question": "Capital of France?", "Answer": {"Value": "Paris", "Aliases": ["Paree"]}}]}))
+    # The Hugging Face trivia_qa parquet: lower-case answer struct with normalised aliases and entity fields.
+    pd.DataFrame([{
+        "question": "Which city is the capital of France?", "question_id": "tc_2", "question_source": "http://x",
+        "answer": {"aliases": ["Paree", "City of Light"], "normalized_aliases": ["paree", "city of light", "paris"],
+                   "matched_wiki_entity_name": "", "normalized_matched_wiki_entity_name": "",
+                   "normalized_value": "paris", "type": "WikipediaEntity", "value": "Paris"},
+    }]).to_parquet(tmp_path / "trivia_qa-validation.parquet")
     (tmp_path / "popqa.tsv").write_text('id\tquestion\tpossible_answers\n7\tWhat is X?\t["a b", "c"]\n')
     (tmp_path / "bamboogle_flashrag.jsonl").write_text(
         json.dumps({"id": "test_0", "question": "Q?", "golden_answers": ["g1", "g2"]}))
@@ -84,6 +91,8 @@ def test_public_formats(tmp_path):
     assert only("nq-open-dev.jsonl").answers == ("Prince", "P")
     trivia = only("triviaqa-unfiltered-dev.json")
     assert (trivia.dataset, trivia.id, trivia.answers) == ("triviaqa", "tc_1", ("Paris", "Paree"))
+    trivia = only("trivia_qa-validation.parquet")
+    assert (trivia.dataset, trivia.id, trivia.answers) == ("triviaqa", "tc_2", ("Paris", "Paree", "City of Light"))
     pop = only("popqa.tsv")
     assert (pop.dataset, pop.answers) == ("popqa", ("a b", "c"))
     assert only("bamboogle_flashrag.jsonl").answers == ("g1", "g2")

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reward.answer_match as answer_match
-from masksearch_rl.eval.metrics import macro_average, score_prediction, summarize_all
+from masksearch_rl.eval.loaders import PAPER_BENCHMARKS
+from masksearch_rl.eval.metrics import averages, macro_average, score_prediction, summarize, summarize_all
 from masksearch_rl.eval.report import load_results, markdown_table, results_dict, write_report
 
 
@@ -66,6 +67,18 @@ def test_summaries_and_macro_average():
     average = macro_average(summaries)
     assert average["recall"] == pytest.approx((2 / 3 + 0.5) / 2)  # each benchmark weighs the same
     assert average["n"] == 5 and average["judge"] is None
+    # The paper's Avg. needs all six benchmarks; the mean over what this run has is only the run average.
+    assert macro_average(summaries, PAPER_BENCHMARKS) is None
+    assert averages(summaries) == {"average": None, "average_search_r1": None, "average_run": average}
+
+
+def test_judge_mean_only_when_every_item_was_judged():
+    """A judge added on a resumed run scores only the new items: no mean over that subset passes for the set's."""
+    judged = [_record("nq", 1.0, 1.0, 1, 2, judge=1.0), _record("nq", 0.0, 0.0, 1, 2, judge=0.0)]
+    full = summarize("nq", judged)
+    assert (full.judge, full.judged) == (0.5, 2)
+    partial = summarize("nq", [*judged, _record("nq", 0.0, 0.0, 1, 2)])
+    assert (partial.judge, partial.judged, partial.n) == (None, 2, 3)
 
 
 def _run(method, scores):
@@ -73,24 +86,39 @@ def _run(method, scores):
     return results_dict(method, summarize_all(records))
 
 
+PAPER_SIX = [("bamboogle", 0.25), ("hotpotqa", 0.5), ("fanoutqa", 0.1), ("musique", 0.2), ("2wiki", 0.3),
+             ("freshqa", 0.4)]
+
+
 def test_table_two_layout(tmp_path):
     runs = [
-        _run("Search-R1", [("bamboogle", 0.25), ("hotpotqa", 0.5), ("nq", 1.0), ("fanoutqa", 0.1)]),
-        _run("RAMP(RL)+RL", [("hotpotqa", 0.75), ("fanoutqa", 0.3)]),
+        _run("Search-R1", [*PAPER_SIX, ("nq", 1.0), ("triviaqa", 0.5), ("popqa", 0.3)]),
+        _run("RAMP(RL)+RL", [("hotpotqa", 0.75), ("fanoutqa", 0.3), ("nq", 0.9)]),
     ]
     table = markdown_table(runs, "recall").splitlines()
-    # Paper order (in-domain HotpotQA first), other sets after, Avg. last; percentages with two decimals.
-    assert table[0] == "| Method | HotpotQA† | FanoutQA | Bamboogle | NQ | Avg. |"
-    assert table[2] == "| Search-R1 | 50.00 | 10.00 | 25.00 | 100.00 | 46.25 |"
-    assert table[3] == "| RAMP(RL)+RL | 75.00 | 30.00 | – | – | 52.50 |"
+    # Paper order (in-domain HotpotQA first), other sets after; Avg. over the paper's six benchmarks only, and
+    # only for a run that has all six; the Search-R1 sets' average likewise. Percentages with two decimals.
+    assert table[0] == ("| Method | HotpotQA† | FanoutQA | Musique | 2Wiki | Bamboogle | FreshQA | NQ | PopQA | "
+                        "TriviaQA | Avg. | Avg. NQ/TriviaQA/PopQA |")
+    assert table[2] == "| Search-R1 | 50.00 | 10.00 | 20.00 | 30.00 | 25.00 | 40.00 | 100.00 | 30.00 | 50.00 | 29.17 | 60.00 |"
+    assert table[3] == "| RAMP(RL)+RL | 75.00 | 30.00 | – | – | – | – | 90.00 | – | – | – | – |"
+    assert runs[0]["average"]["recall"] == pytest.approx(1.75 / 6) and runs[0]["average"]["n"] == 6
+    assert runs[1]["average"] is None and runs[1]["average_search_r1"] is None
+    assert runs[1]["average_run"]["recall"] == pytest.approx((0.75 + 0.3 + 0.9) / 3)  # kept, not in the table
     paths = write_report(runs, tmp_path, plots=False)
     rows = list(csv.reader(open(paths["csv"])))
-    assert rows[0] == ["method", "metric", "hotpotqa", "fanoutqa", "bamboogle", "nq", "avg"]
-    assert rows[1] == ["Search-R1", "recall", "0.500000", "0.100000", "0.250000", "1.000000", "0.462500"]
-    assert rows[2][:2] == ["RAMP(RL)+RL", "recall"] and rows[2][4] == ""
+    columns = ["hotpotqa", "fanoutqa", "musique", "2wiki", "bamboogle", "freshqa", "nq", "popqa", "triviaqa"]
+    assert rows[0] == ["method", "metric", *columns, "avg", "avg_search_r1"]
+    assert rows[1][:2] == ["Search-R1", "recall"] and rows[1][-2:] == [f"{1.75 / 6:.6f}", "0.600000"]
+    assert rows[2][:2] == ["RAMP(RL)+RL", "recall"] and rows[2][4] == "" and rows[2][-2:] == ["", ""]
     assert {r[1] for r in rows[1:]} == {"recall", "em", "f1", "cover_em", "searches", "turns"}  # no judge: no row
     data = json.loads(open(paths["json"]).read())
-    assert data["columns"] == ["hotpotqa", "fanoutqa", "bamboogle", "nq"] and len(data["runs"]) == 2
+    assert data["columns"] == columns and len(data["runs"]) == 2
+    # Averages come from the benchmarks, not from what a results file says (older files averaged any set).
+    stale = {**runs[1], "average": {"recall": 0.5}}
+    assert markdown_table([stale], "recall").splitlines()[2] == "| RAMP(RL)+RL | 75.00 | 30.00 | 90.00 | – | – |"
+    # Without NQ/TriviaQA/PopQA in any run there is no Search-R1 column.
+    assert markdown_table([_run("x", PAPER_SIX)], "recall").splitlines()[0].endswith("| FreshQA | Avg. |")
     markdown = open(paths["markdown"]).read()
     assert "## Token-level recall (%)" in markdown and "## Searches per question" in markdown
 

@@ -9,6 +9,7 @@ hops, turns = hops + 1, all computed by hand below.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import string
@@ -134,20 +135,21 @@ def expected_scores(questions) -> dict[str, float]:
     }
 
 
-def make_config(root: Path, out: Path, policy_url: str, retrieval_url: str, **overrides) -> EvalConfig:
-    return EvalConfig(
-        datasets=[("hotpotqa", root / "hotpot_dev.json"), (None, root / "musique.jsonl")],
-        out_dir=out,
-        method="scripted",
-        policy=PolicyConfig(kind="chat", llm={"base_url": f"{policy_url}/v1", "model": "policy", "max_retries": 0,
-                                              "timeout_s": 10}),
-        search={"backend": {"type": "server", "url": retrieval_url}, "topk": 3},
-        max_turns=4,
-        concurrency=4,
-        judge={"base_url": f"{policy_url}/v1", "model": "judge", "max_retries": 0},
-        progress=False,
-        **overrides,
-    )
+def make_config(root: Path, out: Path, policy_url: str, retrieval_url: str, model: str = "policy",
+                **overrides) -> EvalConfig:
+    settings = {
+        "datasets": [("hotpotqa", root / "hotpot_dev.json"), (None, root / "musique.jsonl")],
+        "out_dir": out,
+        "method": "scripted",
+        "policy": PolicyConfig(kind="chat", llm={"base_url": f"{policy_url}/v1", "model": model, "max_retries": 0,
+                                                 "timeout_s": 10}),
+        "search": {"backend": {"type": "server", "url": retrieval_url}, "topk": 3},
+        "max_turns": 4,
+        "concurrency": 4,
+        "judge": {"base_url": f"{policy_url}/v1", "model": "judge", "max_retries": 0},
+        "progress": False,
+    }
+    return EvalConfig(**{**settings, **overrides})
 
 
 def test_scripted_policy_gets_the_known_scores_and_resumes(world, retrieval_url, tmp_path):
@@ -181,8 +183,11 @@ def test_scripted_policy_gets_the_known_scores_and_resumes(world, retrieval_url,
             assert got[metric] == pytest.approx(want[metric]), (dataset, metric)
     # The judge was only asked about answers that are neither missing nor exact.
     assert script.judge_calls == 8
-    average = second["average"]
+    # Two of the paper's six benchmarks: no Avg., only the mean over this run's benchmarks.
+    assert second["average"] is None and second["average_search_r1"] is None
+    average = second["average_run"]
     assert average["recall"] == pytest.approx(0.5) and average["em"] == pytest.approx(0.25)
+    assert second["mixed_settings"] == []
 
     # The policy really searched: each hop's results reached it, and hits name the entity searched for.
     record = next(json.loads(line) for line in lines if json.loads(line)["dataset"] == "hotpotqa")
@@ -196,13 +201,61 @@ def test_scripted_policy_gets_the_known_scores_and_resumes(world, retrieval_url,
     table = (tmp_path / "run" / "table.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| Method"))
     assert header == "| Method | HotpotQA† | Musique | Avg. |"
-    assert "| scripted | 50.00 | 50.00 | 50.00 |" in table
+    assert "| scripted | 50.00 | 50.00 | – |" in table
     csv_lines = (tmp_path / "run" / "table.csv").read_text().splitlines()
     assert csv_lines[0] == "method,metric,hotpotqa,musique,avg"
-    assert csv_lines[1].startswith("scripted,recall,0.500000,0.500000,0.500000")
+    assert csv_lines[1] == "scripted,recall,0.500000,0.500000,"
     for name in ("answers", "search"):
         png = tmp_path / "run" / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_refuses_other_settings_unless_forced(world, retrieval_url, tmp_path):
+    """Resuming into a run directory with another model, turn limit or judge is refused, naming the settings; options
+    that change no prediction may differ. Forced, the old predictions stay and a judge added then has judged only
+    the new questions: no judge mean over that subset is reported, and the mixed settings are."""
+    from typer.testing import CliRunner
+
+    from masksearch_rl.cli import app
+    from masksearch_rl.eval.fingerprint import ConfigMismatch
+
+    root, questions, _ = world
+    script = Script(questions)
+    out = tmp_path / "run"
+    with running_server(policy_app(script)) as policy_url:
+        def config(**overrides) -> EvalConfig:
+            return make_config(root, out, policy_url, retrieval_url, **{"judge": None, "plots": False, **overrides})
+
+        first = run_eval(config(limit=2))
+        assert first["run"]["written"] == 4 and json.loads((out / "run_config.json").read_text())["mixed"] == []
+        script.requests.clear()
+        assert run_eval(config(limit=2, concurrency=1, log_samples=3))["run"]["resumed"] == 4  # same predictions
+        assert script.requests == []
+
+        with pytest.raises(ConfigMismatch, match=r"max_turns: 4 then, 2 now; policy\.llm\.model: 'policy' then, "
+                                                 r"'policy-v2' now\)\. Use a new --out, or --force"):
+            run_eval(config(max_turns=2, model="policy-v2"))
+        with pytest.raises(ConfigMismatch, match=r"judge\.model: unset then, 'judge' now"):
+            run_eval(config(judge={"base_url": f"{policy_url}/v1", "model": "judge", "max_retries": 0}))
+        cli = CliRunner().invoke(app, [
+            "eval", "run", "--out", str(out), "--data", f"hotpotqa={root / 'hotpot_dev.json'}", "--limit", "2",
+            "--base-url", f"{policy_url}/v1", "--retriever-url", retrieval_url, "--max-turns", "3", "--no-progress",
+        ])
+        assert cli.exit_code == 2 and "max_turns: 4 then, 3 now" in cli.output
+        assert script.requests == [] and len((out / "predictions.jsonl").read_text().splitlines()) == 4
+
+        # Forced: the 12 remaining questions are run and judged; the first 4 keep their (unjudged) predictions.
+        judge = {"base_url": f"{policy_url}/v1", "model": "judge", "max_retries": 0}
+        forced = run_eval(config(judge=judge, force=True))
+        assert forced["complete"] and forced["run"]["resumed"] == 4 and forced["run"]["written"] == 12
+        for summary in forced["datasets"].values():
+            assert (summary["n"], summary["judged"], summary["judge"]) == (8, 6, None)
+        assert forced["average_run"]["judge"] is None and "judge.model" in forced["mixed_settings"]
+        table = (out / "table.md").read_text()
+        assert "## Model judge" not in table and "scripted hotpotqa (6/8), scripted musique (6/8)" in table
+        # The directory now holds the new settings; its predictions stay marked as mixed.
+        again = run_eval(config(judge=judge))
+        assert again["run"]["resumed"] == 16 and "judge.model" in again["mixed_settings"]
 
 
 def test_bad_benchmark_file_fails_before_any_request(world, tmp_path):
@@ -213,3 +266,112 @@ def test_bad_benchmark_file_fails_before_any_request(world, tmp_path):
     with pytest.raises(ValueError, match=r"bamboogle\.jsonl:2: bamboogle item has no field 'answer'"):
         run_eval(config)
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ a local HF policy
+def markov_model(tokenizer, out: Path, chain: list[int], default: int, eos_ids: list[int] | None = None) -> Path:
+    """A real HF model directory whose greedy next token depends on the last token only: ``chain[i]`` is followed
+    by ``chain[i + 1]``, every other token by ``default``. Built by hand: all transformer layers add zero to the
+    residual stream, token t's embedding is a one-hot state vector and the (untied) output head maps each state to
+    its next token. So an episode's text, and how each turn ends, is known in advance."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    transitions = dict(itertools.pairwise(chain))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids if eos_ids is not None else tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed[:, 0] = 1.0  # state 0: any token not in the chain
+        head[default, 0] = 1.0
+        for state, (token, following) in enumerate(transitions.items(), start=1):
+            embed[token, 0], embed[token, state] = 0.0, 1.0
+            head[following, state] = 1.0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(world):
+    """The tiny models' tokenizer, trained on the world's passages; the protocol tags are single tokens so that a
+    last-token model can write them."""
+    from masksearch_rl.tiny_model import corpus_texts, train_tokenizer
+
+    tokenizer = train_tokenizer(corpus_texts(world[0] / "corpus.jsonl"), vocab_size=1200)
+    tokenizer.add_tokens(["<search>", "</search>", "<answer>", "</answer>"])
+    return tokenizer
+
+
+def test_hf_policy_eval_run_finishes_as_the_model_does(world, hf_tokenizer, tmp_path):
+    """`eval run --policy hf` on hand-built models against the real BM25 index: every question gets a record, and each
+    finish says how the model's turns really ended -- an answer, searching past the limit, running out of tokens
+    while emitting the pad token, or EOS (one of the generation config's EOS ids, with pad = EOS: no pad token)."""
+    import copy
+
+    from typer.testing import CliRunner
+
+    from envs.prompts import qa_messages
+    from masksearch_rl.cli import app
+
+    root, questions, _ = world
+    tok = hf_tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def distinct(chain: list[int]) -> bool:  # a last-token model can only write a sequence without repeats
+        return len(set(chain)) == len(chain)
+
+    # Every prompt ends with the generation prompt's last token: each turn starts from there.
+    start = ids(tok.apply_chat_template(qa_messages("q"), add_generation_prompt=True, tokenize=False))[-1]
+    hotpot = questions[:3]  # hotpot_dev.json's first items, in order
+    gold = next(q["answer"] for q in hotpot if distinct([start, *ids(f"<answer> {q['answer']} </answer>")]))
+    entity = next(e for q in hotpot for e in q["oracle_queries"] if distinct([start, *ids(f"<search> {e} </search>")]))
+    word = ids(" Paris")[0]  # one token of it
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+
+    def run(name, tokenizer, chain, default, max_new_tokens=24, eos_ids=None):
+        model = markov_model(tokenizer, tmp_path / name, chain, default, eos_ids)
+        result = CliRunner().invoke(app, [
+            "eval", "run", "--policy", "hf", "--hf-model", str(model), "--index", str(root / "index"),
+            "--data", f"hotpotqa={root / 'hotpot_dev.json'}", "--limit", "3", "--max-turns", "1",
+            "--max-new-tokens", str(max_new_tokens), "--concurrency", "3", "--out", str(tmp_path / f"{name}_run"),
+            "--no-plots", "--no-progress",
+        ])
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in open(tmp_path / f"{name}_run" / "predictions.jsonl")]
+        assert sorted(r["id"] for r in records) == ["h0", "h1", "h2"]
+        for r in records:  # what every finish implies
+            assert (r["answer"] is not None) == (r["finish"] == "answer")
+            assert r["num_turns"] == len(r["searches"]) + (r["finish"] != "search_limit")
+        return records
+
+    answered = run("answers", tok, [start, *ids(f"<answer> {gold} </answer>")], default=endoftext)
+    assert {(r["finish"], r["answer"], r["num_turns"]) for r in answered} == {("answer", gold, 1)}
+    assert [r["scores"]["em"] for r in answered if gold in r["answers"]] == [1.0]
+
+    # Searches every turn: one answered from the index, one gets the limit notice, the next ends the episode.
+    searched = run("searches", tok, [start, *ids(f"<search> {entity} </search>")], default=endoftext)
+    for r in searched:
+        assert (r["finish"], r["searches"], r["num_turns"]) == ("search_limit", [entity] * 3, 3)
+        assert r["information"][0].startswith("Doc 1 (Title: ") and entity in r["information"][0]
+        assert r["information"][1].startswith("Search limit reached")
+
+    # Emits the pad token (not an EOS id) until max_new_tokens: out of tokens, however empty the text.
+    padded = run("pads", tok, [], default=tok.pad_token_id, max_new_tokens=5)
+    assert {(r["finish"], r["raw"]) for r in padded} == {("length", "")}
+
+    # Qwen2.5-style EOS ids, no pad token: a word, then <|endoftext|> as the last token allowed, is an EOS stop.
+    stopped = run("eos", no_pad, [start, word, endoftext], default=endoftext, max_new_tokens=2,
+                  eos_ids=[tok.eos_token_id, endoftext])
+    assert {(r["finish"], r["raw"]) for r in stopped} == {("no_tag", tok.decode([word]))}

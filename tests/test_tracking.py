@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,28 @@ def _tables(root: Path) -> dict[str, dict]:
     return found
 
 
-def _history_bytes(root: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in root.glob("wandb/offline-run-*/run-*.wandb"))
+def _history(root: Path) -> dict[int, dict[str, Any]]:
+    """Step -> logged keys of an offline run, read from its ``run-*.wandb`` transaction log: a 7-byte W&B header,
+    then LevelDB log records (32 KiB blocks, 7-byte record headers) holding protobuf ``Record`` messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = root.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, pending, history = path.read_bytes(), 7, b"", {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.HasField("history"):
+                row = history.setdefault(record.history.step.num, {})
+                row.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+    return history
 
 
 def test_disabled_is_a_no_op(monkeypatch, tmp_path):
@@ -66,19 +87,25 @@ def test_offline_run_with_eval_tables_and_verl_dump(monkeypatch, tmp_path):
     results["report"] = write_report([results], tmp_path / "report", plots=False)
     dump = tmp_path / "val_dumps"
     dump.mkdir()
-    (dump / "20.jsonl").write_text(json.dumps({
+    sample = {
         "input": "system\n...\nuser\nQuestion: Where?", "step": 20, "score": 1.0, "gts": {"target": ["Paris"]},
         "output": "<think> a </think>\n<search> where </search>\n\n<information>\nDoc 1 (Title: P) <search> quoted "
                   "</search> Paris\n</information>\n\n<answer> Paris </answer>",
         "acc": 1.0, "format": 1.0, "recall": 1.0, "em": 1.0, "num_searches": 1, "reward": 1.0, "uid": "u",
-    }) + "\n" + "{torn line\n")
+    }
+    (dump / "20.jsonl").write_text(json.dumps(sample) + "\n" + "{torn line\n")
+    # verl's val_before_train dump is step 0, the first step W&B sees.
+    (dump / "0.jsonl").write_text(json.dumps({**sample, "step": 0, "score": 0.0, "acc": 0.0, "recall": 0.5}) + "\n")
 
     config = TrackingConfig(project="masksearch-test", name="unit", dir=str(tmp_path / "wb"), tags=("ci",))
     with start_run(config, "eval", {"method": "unit", "path": tmp_path}) as tracker:
         assert tracker.enabled and tracker.run.job_type == "eval"
         _track(tracker, results, records, log_samples=10)
+    # `eval log-generations` is a run of its own (as on the command line).
+    config = TrackingConfig(project="masksearch-test", name="dumps", dir=str(tmp_path / "wb_dumps"))
+    with start_run(config, "rl-trajectories") as tracker:
         logged = log_generation_dumps(dump, tracker, per_step=5)
-    assert logged == {"20": 1}
+    assert logged == {"0": 1, "20": 1}
 
     tables = _tables(tmp_path / "wb")
     trajectories = tables["trajectories"]  # media/table/eval/trajectories_<n>_<hash>.table.json
@@ -86,15 +113,24 @@ def test_offline_run_with_eval_tables_and_verl_dump(monkeypatch, tmp_path):
     assert len(trajectories["data"]) == 3 and trajectories["data"][1][3] == "capital of France"
     table = tables["table"]
     assert table["columns"] == ["metric", "hotpotqa", "avg"]
-    assert ["recall", "66.67", "66.67"] in table["data"]
-    step = tables["step_20"]  # media/table/trajectories/step_20_<n>_<hash>.table.json
+    assert ["recall", "66.67", "–"] in table["data"]  # Avg. needs the paper's six benchmarks
+    history = _history(tmp_path / "wb")
+    [row] = [row for row in history.values() if "eval/hotpotqa/recall" in row]
+    assert row["eval/hotpotqa/recall"] == pytest.approx(2 / 3) and row["eval/average_run/recall"] == pytest.approx(2 / 3)
+    assert not any(key.startswith("eval/average/") for key in row)
+
+    step = _tables(tmp_path / "wb_dumps")["step_20"]  # media/table/trajectories/step_20_<n>_<hash>.table.json
     assert step["columns"][:7] == ["step", "prompt", "searches", "information", "answer", "gold", "score"]
     assert step["columns"][7:11] == ["acc", "format", "recall", "em"]
     row = step["data"][0]
     # The search quoted inside <information> is not taken for one of the policy's.
     assert row[2] == "where" and row[4] == "Paris" and row[5] == "Paris"
-    history = _history_bytes(tmp_path / "wb")
-    assert b"eval/hotpotqa" in history and b"recall" in history and b"trajectories" in history
+    # Each dump's table and reward means share one history row at verl's step, step 0 included.
+    history = _history(tmp_path / "wb_dumps")
+    assert sorted(history) == [0, 20]
+    assert history[0]["trajectories/score"] == 0.0 and history[0]["trajectories/recall"] == 0.5
+    assert history[20]["trajectories/score"] == 1.0 and history[20]["trajectories/acc"] == 1.0
+    assert history[0]["trajectories/step_0/_type"] == "table-file"
 
 
 def test_flatten_for_charts():

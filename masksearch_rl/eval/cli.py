@@ -74,6 +74,8 @@ def run_command(
     wandb_dir: Optional[str] = typer.Option(None, "--wandb-dir"),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    force: bool = typer.Option(False, "--force", help="Resume into --out although its predictions were made with "
+                               "another policy, search or judge setting (they are kept; the changes are recorded)."),
 ) -> None:
     """Run the agent on benchmark questions and score it (resumable: re-run the same command after a kill)."""
     from masksearch_rl.eval.loaders import BenchmarkFormatError
@@ -108,6 +110,7 @@ def run_command(
             tracking=_tracking(wandb_project, wandb_entity, wandb_name, wandb_group, wandb_mode, wandb_dir),
             plots=plots,
             progress=progress,
+            force=force,
         )
         results = run_eval(config)
     except (ValueError, FileNotFoundError, BenchmarkFormatError) as err:

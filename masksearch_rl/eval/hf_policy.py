@@ -9,6 +9,11 @@ Concurrent episodes are batched: each ``generate`` call is queued in a
 "queries" are prompts and its "topk" is ``max_tokens``), which runs one left-padded ``model.generate`` per batch in a
 worker thread. Generation stops at ``</search>`` / ``</answer>`` (transformers' ``stop_strings``) or EOS; each text
 is cut after its first stop tag.
+
+Finish reasons are read from where each row's generation ended, never from padding: a model without a pad token
+pads with EOS, and models such as Qwen2.5 pad with a token that is also one of their EOS ids, so padding says
+nothing. A row that holds one of the EOS ids ended there ("stop"), one that holds a stop tag ended at it ("stop",
+with the tag), and any other ran out of ``max_tokens`` ("length").
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ class HFPolicy:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
+        if self.tokenizer.pad_token is None:  # left padding of batched prompts only; finishes never look at it
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype).to(device).eval()
+        self.eos_ids = _eos_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
         self.device = device
         self.max_batch, self.wait_ms = max_batch, wait_ms
         self.temperature, self.top_p = temperature, top_p
@@ -79,24 +85,29 @@ class HFPolicy:
         with torch.no_grad():
             output = self.model.generate(
                 **encoded, max_new_tokens=max_tokens, stop_strings=list(STOP_STRINGS), tokenizer=self.tokenizer,
-                pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids or None, **sampling,
             )
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
-        replies = []
-        for row in new_tokens.tolist():
-            generated = [t for t in row if t != self.tokenizer.pad_token_id]
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            found = find_stop(text)
-            if found is not None:
-                replies.append([PolicyReply(text[: found[0]], "stop", found[1])])
-            elif self.tokenizer.eos_token_id in generated or len(generated) < max_tokens:
-                replies.append([PolicyReply(text, "stop")])
-            else:
-                replies.append([PolicyReply(text, "length")])
-        return replies
+        return [[self._reply(row)] for row in new_tokens.tolist()]
+
+    def _reply(self, row: list[int]) -> PolicyReply:
+        """One row of new tokens as a reply; everything after the row's first EOS is padding."""
+        end = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+        text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+        found = find_stop(text)
+        if found is not None:
+            return PolicyReply(text[: found[0]], "stop", found[1])
+        return PolicyReply(text, "stop" if end is not None else "length")
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
         batcher = self._batchers.pop(loop, None)
         if batcher is not None:
             await batcher.close()
+
+
+def _eos_ids(configured: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
+    """Every token that ends a turn: the generation config's EOS ids (Qwen2.5: ``<|im_end|>`` and
+    ``<|endoftext|>``) and the tokenizer's."""
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [*ids, tokenizer_eos] if i is not None})

@@ -19,7 +19,8 @@ musique        ``musique_ans_v1.0_dev.jsonl`` (``answer`` + ``answer_aliases``; 
 bamboogle      the public sheet as CSV (``Question``, ``Answer``)
 freshqa        ``FreshQA_v*.csv`` (notes above the header row are skipped; ``answer_0`` .. ``answer_9``)
 nq             NQ-open JSONL (``question``, ``answer``: list)
-triviaqa       TriviaQA JSON (``{"Data": [{"QuestionId", "Question", "Answer": {"Value", "Aliases"}}]}``)
+triviaqa       TriviaQA JSON (``{"Data": [{"QuestionId", "Question", "Answer": {"Value", "Aliases"}}]}``) or the
+               Hugging Face parquet (``question_id``, ``question``, ``answer: {"value", "aliases", ...}``)
 popqa          PopQA TSV/CSV/JSONL (``question``, ``possible_answers``: a JSON list in a string)
 =============  ==========================================================================================
 """
@@ -68,7 +69,7 @@ class Benchmark:
     name: str
     title: str  # column header of the results table
     in_domain: bool = False
-    id_fields: tuple[str, ...] = ("id", "_id", "idx", "qid", "QuestionId")
+    id_fields: tuple[str, ...] = ("id", "_id", "idx", "qid", "QuestionId", "question_id")
     question_fields: tuple[str, ...] = ("question", "Question", "query")
     answer_fields: tuple[str, ...] = ("golden_answers", "answers", "answer", "Answer")
     alias_fields: tuple[str, ...] = ()  # extra aliases added to the answers when present
@@ -247,8 +248,11 @@ def _flatten_answer(value: Any) -> list[str]:
                 return [s for item in parsed for s in _flatten_answer(item)]
         return [text] if text else []
     if isinstance(value, Mapping):
-        if "Value" in value or "Aliases" in value:  # TriviaQA
-            return [str(v) for v in [value.get("Value"), *value.get("Aliases", [])] if _present(v)]
+        # TriviaQA: the original JSON spells Value/Aliases, the Hugging Face parquet value/aliases (next to
+        # normalized_* and entity fields, which are not answers).
+        for value_key, aliases_key in (("Value", "Aliases"), ("value", "aliases")):
+            if value_key in value or aliases_key in value:
+                return _flatten_answer([value.get(value_key), value.get(aliases_key)])
         return [", ".join(s for v in value.values() for s in _flatten_answer(v))]
     if isinstance(value, (list, tuple)):
         return [s for item in value for s in _flatten_answer(item)]

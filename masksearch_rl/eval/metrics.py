@@ -6,8 +6,10 @@ rewards can never drift apart; nothing is re-implemented here. An item without a
 metric. The optional model judge is :mod:`reward.judge` (its failures are counted and fall back to EM, as in the
 reward).
 
-Aggregates are plain means over the items of each benchmark; the "average" row is the macro average over the
-benchmarks (each benchmark weighs the same, as in the paper's Avg. column), plus the micro totals.
+Aggregates are plain means over the items of each benchmark. Averages over benchmarks are macro averages (each
+benchmark weighs the same) over a *fixed* set, so two runs' averages always mean the same thing: Avg. is the paper's
+six benchmarks and exists only when a run has all six; the Search-R1 sets (NQ, TriviaQA, PopQA) get their own.
+The mean over whatever a run happens to have is kept too, under a name that says so (``average_run``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from masksearch_rl.eval.loaders import PAPER_BENCHMARKS, SEARCH_R1_BENCHMARKS
 from reward.answer_match import METRICS, MatchScores, score_answer
 
 # Reported per benchmark, in this order: the paper's metric (token recall) first.
@@ -33,7 +36,9 @@ def score_prediction(answer: str | None, gold: Sequence[str]) -> MatchScores:
 
 @dataclass
 class DatasetSummary:
-    """Means over one benchmark's items. ``judge`` is None when no judge was run."""
+    """Means over one benchmark's items. ``judge`` is None unless every item was judged (``judged`` counts those
+    that were: a run resumed with a judge added has old items without one, and a mean over the rest would pass
+    for the benchmark's)."""
 
     dataset: str
     n: int
@@ -45,6 +50,7 @@ class DatasetSummary:
     turns: float
     answered: float  # share of items with an <answer>
     judge: float | None = None
+    judged: int = 0
     judge_failures: int = 0
     errors: int = 0  # episodes that failed (policy endpoint down ...): scored 0, counted here
 
@@ -73,7 +79,8 @@ def summarize(dataset: str, records: Iterable[Mapping[str, Any]]) -> DatasetSumm
         searches=mean(float(r.get("num_searches", 0)) for r in rows),
         turns=mean(float(r.get("num_turns", 0)) for r in rows),
         answered=mean(1.0 if r.get("answer") else 0.0 for r in rows),
-        judge=(sum(judged) / len(judged)) if judged else None,
+        judge=(sum(judged) / n) if judged and len(judged) == n else None,
+        judged=len(judged),
         judge_failures=sum(1 for r in rows if r.get("judge_error")),
         errors=sum(1 for r in rows if r.get("error")),
     )
@@ -88,14 +95,36 @@ def summarize_all(records: Iterable[Mapping[str, Any]], order: Sequence[str] = (
     return {name: summarize(name, by_dataset[name]) for name in names}
 
 
-def macro_average(summaries: Mapping[str, DatasetSummary]) -> dict[str, Any]:
-    """Each metric's mean over the benchmarks (the Avg. column) and the item count."""
-    values = list(summaries.values())
-    if not values:
-        return {}
-    average: dict[str, Any] = {"n": sum(s.n for s in values)}
-    for name in (*ANSWER_METRICS, *COUNT_METRICS, "answered"):
-        average[name] = sum(getattr(s, name) for s in values) / len(values)
-    judged = [s.judge for s in values if s.judge is not None]
-    average["judge"] = sum(judged) / len(judged) if len(judged) == len(values) else None
+# results.json key -> the benchmarks it averages (all of them required); None: whatever the run has.
+AVERAGES: dict[str, tuple[str, ...] | None] = {
+    "average": PAPER_BENCHMARKS,  # the paper's Avg. column
+    "average_search_r1": SEARCH_R1_BENCHMARKS,
+    "average_run": None,  # not comparable between runs with different benchmarks
+}
+
+
+def macro_average(
+    datasets: Mapping[str, DatasetSummary | Mapping[str, Any]], over: Sequence[str] | None = None
+) -> dict[str, Any] | None:
+    """Each metric's mean over the benchmarks ``over`` and their item count; None when the run lacks one of them
+    (or has no benchmark at all). ``over`` None: every benchmark of the run. ``datasets`` are summaries or their
+    dicts (as in results.json)."""
+    names = list(datasets) if over is None else list(over)
+    if not names or any(name not in datasets for name in names):
+        return None
+    values = [_as_dict(datasets[name]) for name in names]
+    average: dict[str, Any] = {"n": sum(int(v["n"]) for v in values)}
+    for metric in (*ANSWER_METRICS, *COUNT_METRICS, "answered"):
+        average[metric] = sum(float(v[metric]) for v in values) / len(values)
+    judged = [v.get("judge") for v in values]
+    average["judge"] = None if None in judged else sum(judged) / len(judged)
     return average
+
+
+def averages(datasets: Mapping[str, DatasetSummary | Mapping[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """Every :data:`AVERAGES` entry of a run."""
+    return {key: macro_average(datasets, over) for key, over in AVERAGES.items()}
+
+
+def _as_dict(summary: DatasetSummary | Mapping[str, Any]) -> Mapping[str, Any]:
+    return summary.to_dict() if isinstance(summary, DatasetSummary) else summary

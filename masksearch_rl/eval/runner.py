@@ -1,9 +1,10 @@
 """``eval run``: roll the agent out on benchmark questions, score the answers, write the results and tables.
 
-The loop reads top to bottom in :func:`run_eval`: load the benchmarks -> skip questions already in
-``predictions.jsonl`` (resume) -> run the pending ones concurrently (``concurrency`` episodes in flight; the policy
-server batches them) with a progress bar -> score each as it finishes and append it -> summarise every benchmark
--> ``results.json``, Table 2 (``table.md/csv/json``), plots -> W&B.
+The loop reads top to bottom in :func:`run_eval`: load the benchmarks -> check the output directory's settings
+(:mod:`masksearch_rl.eval.fingerprint`: a resume never mixes policies, search or judge settings unless forced) ->
+skip questions already in ``predictions.jsonl`` (resume) -> run the pending ones concurrently (``concurrency``
+episodes in flight; the policy server batches them) with a progress bar -> score each as it finishes and append it
+-> summarise every benchmark -> ``results.json``, Table 2 (``table.md/csv/json``), plots -> W&B.
 
 Episodes are :func:`envs.rollout.run_episode` (the same tag protocol, prompts and search text as RL training) on
 the prompt :func:`envs.prompts.qa_messages`. Scores are :mod:`masksearch_rl.eval.metrics` (the reward's own answer
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from masksearch_rl.eval.fingerprint import check_fingerprint, fingerprint
 from masksearch_rl.eval.loaders import PAPER_BENCHMARKS, SEARCH_R1_BENCHMARKS, LoadReport, QAItem, load_benchmark
 from masksearch_rl.eval.metrics import ANSWER_METRICS, score_prediction, summarize_all
 from masksearch_rl.jsonl import BadLines, ResumableJsonlWriter, atomic_path, iter_jsonl
@@ -90,6 +92,7 @@ class EvalConfig:
     log_samples: int = 50  # trajectories in the W&B sample table
     plots: bool = True
     progress: bool = True
+    force: bool = False  # resume into out_dir even if its predictions were made with other settings
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -265,19 +268,22 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     items, skipped = load_items(config)
     out: Path = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    predictions = out / PREDICTIONS_FILE
+    resuming = predictions.exists() and predictions.stat().st_size > 0
+    mixed = check_fingerprint(out, fingerprint(config), resuming=resuming, force=config.force)
     tracker = start_run(config.tracking, "eval", {"method": config.method, **config.describe()})
     try:
         started = time.perf_counter()
         counters: Counter = Counter()
         all_items = [item for group in items.values() for item in group]
-        with ResumableJsonlWriter(out / PREDICTIONS_FILE, key="key") as writer:
+        with ResumableJsonlWriter(predictions, key="key") as writer:
             pending = [item for item in all_items if item.key not in writer.done]
             counters["resumed"] = len(all_items) - len(pending)
             if pending:
                 logger.info("eval: %d questions to run, %d already done", len(pending), counters["resumed"])
                 asyncio.run(_run_pending(config, pending, writer, counters))
         wanted = {item.key for item in all_items}
-        records = read_predictions(out / PREDICTIONS_FILE, wanted)
+        records = read_predictions(predictions, wanted)
         summaries = summarize_all(records, order=(*PAPER_BENCHMARKS, *SEARCH_R1_BENCHMARKS))
         results = results_dict(config.method, summaries, config.describe(), model=_model_name(config.policy))
         missing = {d: len(group) - (summaries[d].n if d in summaries else 0) for d, group in items.items()}
@@ -286,7 +292,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             "missing": missing,
             "load": skipped,
             "run": {**counters, "seconds": round(time.perf_counter() - started, 2)},
+            "mixed_settings": mixed,  # settings that differ between predictions (forced resumes), else []
         })
+        if config.judge is not None and any(s.judged < s.n for s in summaries.values()):
+            logger.warning("judge scores only for some questions (judge added on a resumed run): no judge average")
         with atomic_path(out / RESULTS_FILE) as tmp:
             tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
         results["report"] = write_report([results], out, plots=config.plots)
@@ -324,17 +333,18 @@ def sample_rows(records: Sequence[dict[str, Any]], per_dataset: int) -> list[lis
 
 
 def _track(tracker: Any, results: dict[str, Any], records: list[dict[str, Any]], log_samples: int) -> None:
-    from masksearch_rl.eval.report import TABLE_METRICS, column_order, table_rows
+    from masksearch_rl.eval.metrics import AVERAGES
+    from masksearch_rl.eval.report import TABLE_METRICS, average_columns, column_order, table_rows
 
     if not tracker.enabled:
         return
     metrics = {f"eval/{name}": values for name, values in results["datasets"].items()}
-    metrics["eval/average"] = results["average"]
+    metrics.update({f"eval/{key}": results[key] for key in AVERAGES})  # None (not logged) when not defined
     tracker.log(metrics)
     tracker.summary(metrics)
     columns = column_order([results])
     rows = [[metric, *row[1:]] for metric in TABLE_METRICS for row in table_rows([results], metric, columns)]
-    tracker.log_table("eval/table", ["metric", *columns, "avg"], rows)
+    tracker.log_table("eval/table", ["metric", *columns, *(name for _, _, name in average_columns([results]))], rows)
     per_dataset = max(1, log_samples // max(1, len(results["datasets"])))
     tracker.log_table("eval/trajectories", SAMPLE_COLUMNS, sample_rows(records, per_dataset))
     plots = results.get("report", {}).get("plots", [])

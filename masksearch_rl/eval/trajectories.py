@@ -78,7 +78,7 @@ def read_dump(path: str | Path, bad: BadLines | None = None) -> list[dict[str, A
 def log_generation_dumps(dump_dir: str | Path, tracker: Any, per_step: int = 20,
                          steps: Sequence[int] | None = None) -> dict[str, int]:
     """Log one ``trajectories/step_<N>`` table per dump file (``per_step`` samples each) and the mean reward
-    components per step; returns samples logged per step."""
+    components (``trajectories/<component>``) at W&B step N; returns samples logged per step."""
     logged: dict[str, int] = {}
     bad = BadLines()
     for path in dump_files(dump_dir):
@@ -89,13 +89,13 @@ def log_generation_dumps(dump_dir: str | Path, tracker: Any, per_step: int = 20,
         if not records:
             continue
         columns, rows = trajectory_rows(records, per_step)
-        tracker.log_table(f"trajectories/step_{step}", columns, rows)
         numeric = {c for c in columns[len(BASE_COLUMNS):]} | {"score"}
         means = {
             key: sum(float(r[key]) for r in records if _number(r.get(key))) / max(1, sum(_number(r.get(key)) for r in records))
             for key in numeric if any(_number(r.get(key)) for r in records)
         }
-        tracker.log({"trajectories": means}, step=step)
+        # One history row per training step: the table and the means together, at verl's step.
+        tracker.log_table(f"trajectories/step_{step}", columns, rows, step=step, metrics={"trajectories": means})
         logged[str(step)] = len(rows)
     return logged
 
