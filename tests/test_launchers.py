@@ -139,3 +139,20 @@ def test_selfevolve_loop_trains_logs_and_serves_the_hf_checkpoint():
     assert serve[:2] == ["vllm", "serve"] and serve[2] == f"{cfg.trainer.default_local_dir}/hf_model"
     assert iterate[3:5] == ["selfevolve", "iterate"]
     assert iterate[iterate.index("--wandb-project") + 1] == "ms"
+
+
+def test_ray_head_and_worker_start_ray_with_the_node_settings():
+    """RAY names the ray CLI; `echo` shows exactly what each node would run."""
+    env = {**os.environ, "RAY": "echo", "N_GPUS": "4", "RAY_PORT": "7000", "DASHBOARD_PORT": "9000"}
+    head = subprocess.run(["bash", str(LAUNCH / "ray_head.sh")], capture_output=True, text=True, env=env)
+    assert head.returncode == 0, head.stderr
+    assert shlex.split(head.stdout) == ["start", "--head", "--port=7000", "--num-gpus=4", "--dashboard-host=0.0.0.0",
+                                        "--dashboard-port=9000"]
+    assert "ray_worker.sh" in head.stderr and "ray_submit.sh" in head.stderr
+    worker = subprocess.run(["bash", str(LAUNCH / "ray_worker.sh"), "10.0.0.1"], capture_output=True, text=True,
+                            env=env)
+    assert worker.returncode == 0 and shlex.split(worker.stdout) == ["start", "--address=10.0.0.1:7000",
+                                                                     "--num-gpus=4"]
+    missing = subprocess.run(["bash", str(LAUNCH / "ray_worker.sh")], capture_output=True, text=True,
+                             env={k: v for k, v in env.items() if k != "HEAD_ADDRESS"})
+    assert missing.returncode == 2 and "HEAD_ADDRESS" in missing.stderr
