@@ -3,7 +3,9 @@
 Why one module: all our jobs (corpus conversion, RAMP generation, CoT construction, eval) read line-oriented JSON
 that may contain bad lines, and write append-only outputs that must survive a kill. Reading never crashes on a bad
 line (it is counted with ``file:line`` and a reason); writing is resumable (a re-run skips finished keys) and a
-half-written last line left by a kill is cut off on reopen, so nothing is lost or duplicated.
+half-written last line left by a kill is cut off on reopen, so nothing is lost or duplicated. A bad line anywhere
+else in an output is not something a kill leaves behind, so reopening refuses it (naming ``file:line``) rather than
+cutting away the records after it.
 """
 
 from __future__ import annotations
@@ -119,12 +121,20 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+class CorruptOutputError(ValueError):
+    """An output file with a bad line before its end: not a torn write, so it is left as it is for a person to fix."""
+
+
 class ResumableJsonlWriter:
     """Append-only JSONL output keyed by a field: the basis of every resumable job.
 
-    On open it reads what is already there (cutting off a torn last line left by a kill), so ``done`` holds the
-    finished keys; ``write`` refuses a key that is already done. Lines are flushed on every write and fsynced
-    every ``sync_every`` writes and on close.
+    On open it reads what is already there, so ``done`` holds the finished keys; ``write`` refuses a key that is
+    already done. Lines are flushed on every write and fsynced every ``sync_every`` writes and on close.
+
+    Repair is limited to what a kill can leave: the text after the last newline (a record is written as one
+    ``json + "\\n"``, so a torn write never ends in a newline). That tail is cut when it does not parse, and completed
+    with its newline when it does. A line that does not parse *before* the tail raises :class:`CorruptOutputError`
+    naming ``file:line`` and the file is not touched: cutting there would silently drop every record after it.
     """
 
     def __init__(self, path: str | os.PathLike, key: str = "id", sync_every: int = 256):
@@ -139,26 +149,41 @@ class ResumableJsonlWriter:
         self.written = 0
 
     def _load_and_repair(self) -> int:
+        """Fill ``done`` from the file; returns how many bytes of a torn last line were cut (0 if none)."""
         if not self.path.exists():
             return 0
+        keys: list[str] = []
         good_end = 0
+        tail = b""
         with open(self.path, "rb") as handle:
-            for raw in handle:
+            for lineno, raw in enumerate(handle, start=1):
                 if not raw.endswith(b"\n"):
-                    break  # torn tail from a kill mid-write
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError:
+                    tail = raw  # only the last line can lack its newline
                     break
+                if raw.strip():
+                    obj = _parse_line(raw)
+                    if obj is _UNPARSEABLE:
+                        raise CorruptOutputError(
+                            f"{self.path}:{lineno}: unparseable line before the end of the file (not a torn last "
+                            f"write, so nothing was cut): {raw[:120]!r}. Fix or remove that line and run again."
+                        )
+                    if isinstance(obj, dict) and self.key in obj:
+                        keys.append(str(obj[self.key]))
                 good_end += len(raw)
-                if isinstance(obj, dict) and self.key in obj:
-                    self.done.add(str(obj[self.key]))
-        size = self.path.stat().st_size
-        if size > good_end:
-            logger.warning("%s: cut %d bytes of a torn last record (left by an interrupted run)", self.path, size - good_end)
-            with open(self.path, "r+b") as handle:
-                handle.truncate(good_end)
-        return size - good_end
+        self.done.update(keys)
+        if not tail:
+            return 0
+        obj = _parse_line(tail)
+        if obj is not _UNPARSEABLE:  # a complete record that only lacks its newline: keep it
+            if isinstance(obj, dict) and self.key in obj:
+                self.done.add(str(obj[self.key]))
+            with open(self.path, "ab") as handle:
+                handle.write(b"\n")
+            return 0
+        logger.warning("%s: cut %d bytes of a torn last record (left by an interrupted run)", self.path, len(tail))
+        with open(self.path, "r+b") as handle:
+            handle.truncate(good_end)
+        return len(tail)
 
     def write(self, record: dict) -> bool:
         """Append ``record``; returns False (and writes nothing) if its key is already done."""
@@ -186,3 +211,68 @@ class ResumableJsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ErrorLog:
+    """``<out>.errors.jsonl`` of a resumable job: the tasks that failed (so were not written to the output and are
+    retried by the next run), one line per failed attempt with its cause.
+
+    Why pruned: the file should answer "what is still failing?". ``done`` is the output writer's live set of finished
+    keys; on close, lines whose key is in it (a later attempt succeeded) are dropped, atomically. Lines that do not
+    parse are kept as they are.
+    """
+
+    def __init__(self, path: str | os.PathLike, done: set[str], key: str = "id"):
+        self.path = Path(path)
+        self.key = key
+        self.done = done
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a", encoding="utf-8")
+        self.pending = 0
+
+    def add(self, key: str, kind: str, error: str, traceback: str | None = None) -> None:
+        """One failed attempt: ``kind`` says what failed (``backend``: an endpoint or search; ``task_error``: a bug)."""
+        entry = {self.key: key, "kind": kind, "error": error}
+        if traceback:
+            entry["traceback"] = traceback
+        self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> int:
+        """Close and prune; returns how many distinct keys are still failing."""
+        if not self._handle.closed:
+            self._handle.close()
+        if not self.path.exists():
+            return 0
+        kept, failing = [], set()
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                obj = _parse_line(line)
+                key = str(obj.get(self.key)) if isinstance(obj, dict) and self.key in obj else None
+                if key is not None and key in self.done:
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+                if key is not None:
+                    failing.add(key)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+        self.pending = len(failing)
+        return self.pending
+
+    def __enter__(self) -> ErrorLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_UNPARSEABLE = object()
+
+
+def _parse_line(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _UNPARSEABLE

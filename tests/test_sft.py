@@ -129,3 +129,57 @@ def test_recipes_compose_and_convert(recipe, backend):
         assert Path(resolve_deepspeed_config(config.masksearch_sft.deepspeed_config)).name == "zero3.json"
     else:
         assert "deepspeed" not in args
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The tiny model's directory (its own BPE tokenizer and ChatML template), built from a small synthetic corpus."""
+    from masksearch_rl.synthetic import write_synthetic_corpus
+    from masksearch_rl.tiny_model import build_tiny_model, corpus_texts
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_synthetic_corpus(root / "world", num_passages=60, num_questions=1, seed=2, progress=False)
+    return build_tiny_model(root / "model", corpus_texts(root / "world" / "corpus.jsonl"), vocab_size=800)
+
+
+def test_export_drops_and_counts_trajectories_longer_than_max_tokens(tmp_path, tiny_model):
+    import json
+
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+
+    from masksearch_rl.cli import app
+    from masksearch_rl.sft.export import token_length
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    short = [_record(i) for i in range(4)]
+    long = [_record(i, answer="Paris " + "and a very long retrieved passage " * (40 * (i - 3))) for i in range(4, 7)]
+    write_jsonl(tmp_path / "traj.jsonl", short + long)
+    lengths = {r["id"]: token_length(tokenizer, r["messages"]) for r in short + long}
+    limit = max(lengths[r["id"]] for r in short)
+    assert min(lengths[r["id"]] for r in long) > limit  # the long ones really are over the limit
+
+    result = CliRunner().invoke(app, ["sft", "export", str(tmp_path / "traj.jsonl"), "--out-dir", str(tmp_path / "out"),
+                                      "--val-fraction", "0", "--tokenizer", str(tiny_model), "--max-tokens", str(limit)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert (summary["train"], summary["too_long"], summary["max_tokens"], summary["longest_kept"]) == (4, 3, limit, limit)
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    assert sorted(train["id"]) == sorted(r["id"] for r in short)
+    # verl's dataset agrees on the length: at max_length=limit with truncation "error" every row loads whole,
+    # ending with the assistant's <answer> turn.
+    dataset = MultiTurnSFTDataset(str(tmp_path / "out" / "train.parquet"), tokenizer,
+                                  {"max_length": limit, "pad_mode": "no_padding", "truncation": "error"})
+    for index in range(len(dataset)):
+        ids = dataset[index]["input_ids"]
+        assert len(ids) <= limit and "</answer>" in tokenizer.decode(ids)
+
+    # Without the options nothing is measured or dropped (the default behaviour), and they only come together.
+    plain = export_sft([tmp_path / "traj.jsonl"], tmp_path / "plain", val_fraction=0.0)
+    assert plain["train"] == 7 and "too_long" not in plain
+    lonely = CliRunner().invoke(app, ["sft", "export", str(tmp_path / "traj.jsonl"), "--out-dir",
+                                      str(tmp_path / "x"), "--max-tokens", "100"])
+    assert lonely.exit_code != 0 and "--tokenizer and --max-tokens go together" in lonely.output
+    with pytest.raises(ValueError, match="within 10 tokens"):
+        export_sft([tmp_path / "traj.jsonl"], tmp_path / "none", tokenizer=tokenizer, max_tokens=10)

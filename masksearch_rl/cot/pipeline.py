@@ -6,14 +6,20 @@ judge the answer against the gold -> render the trajectory in our tag protocol -
 
 Files, for ``--out trajectories.jsonl``:
   ``trajectories.jsonl``               one record per finished task (see :func:`make_record`), append-only
-  ``trajectories.jsonl.errors.jsonl``  tasks that failed on an endpoint or search backend (not recorded above, so the
-                                       next run retries them), with the cause
+  ``trajectories.jsonl.errors.jsonl``  tasks that failed (not recorded above, so the next run retries them), with the
+                                       cause: ``kind: backend`` (an endpoint, the search or the judge failed after
+                                       retries) or ``kind: task_error`` (an unexpected exception, with its traceback).
+                                       Pruned at the end of each run: ids written since are dropped, so it lists
+                                       only what is still failing
   ``trajectories.jsonl.summary.json``  counts for this run and for the whole output file
 
 Statuses: ``correct`` (judged right), ``wrong`` (judged wrong), ``max_turns`` (no answer within ``max_rounds``),
 ``parse_error`` (a role never gave usable JSON). ``keep`` marks what goes to SFT: correct trajectories, or every
-answered one with ``keep: answered``. Backend errors (LLM endpoint or search failed after retries) are counted
-and retried on the next run.
+answered one with ``keep: answered``. Backend errors (LLM endpoint, search or judge failed after retries) and task
+errors (any other exception while building one task) are counted, logged to the errors file and retried on the next
+run; one task's failure never stops the others. A failed judge call is a backend error unless ``judge_fallback`` is
+on: then the answer is graded by exact match, the record's ``judge`` says ``by: answer_match, fallback: true`` and the
+summary counts ``judged_by_fallback`` (exact match marks a right paraphrase wrong, so it is off by default).
 
 The trajectory: each round is one policy turn ``<think> plan / findings </think> <search> sub-query </search>``
 followed by an ``<information>`` turn holding the merged results of the Rewriter's keyword queries; the last turn is
@@ -37,7 +43,7 @@ from envs.prompts import answer_block, information_block
 from envs.rollout import Segment, transcript_messages
 from envs.search_client import SearchSettings, format_hits, shared_backend, truncate_to_budget
 from masksearch_rl.cot import agents
-from masksearch_rl.jsonl import BadLines, ResumableJsonlWriter, atomic_path, iter_jsonl
+from masksearch_rl.jsonl import BadLines, ErrorLog, ResumableJsonlWriter, atomic_path, iter_jsonl
 from masksearch_rl.llm import LLMClient, LLMConfig, LLMError
 from masksearch_rl.retrieval.types import Hit, SearchBackend, SearchError
 
@@ -65,11 +71,11 @@ class CotConfig:
     parse_retries: int = 1
     keep: str = "correct"
     min_judge_score: float = 1.0
-    judge_fallback: bool = True  # a failed judge call falls back to answer matching (EM per blank)
+    judge_fallback: bool = False  # a failed judge call: False = backend error (retried), True = exact match, marked
     info_role: str = "tool"
     concurrency: int = 16  # tasks in flight
     limit: int | None = None
-    max_backend_errors: int = 1000  # stop early (progress kept) when endpoints keep failing
+    max_backend_errors: int = 1000  # stop early (progress kept) after this many failed tasks (backend + task errors)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -125,12 +131,13 @@ async def merged_search(
 
 # ----------------------------------------------------------------------------------------------------- judge
 async def label_answer(
-    judge: Any, task: Any, answer: str, use_fallback: bool = True
+    judge: Any, task: Any, answer: str, use_fallback: bool = False
 ) -> tuple[float, dict[str, Any]]:
     """Score ``answer`` for ``task`` with the LLM judge (mean of per-blank verdicts).
 
-    A failed judge call falls back to answer matching (exact match per blank), or raises
-    :class:`BackendFailure` with ``use_fallback=False``. Returns the score and what to record.
+    A failed judge call (endpoint down, unparseable verdict) raises :class:`BackendFailure`, so the task is retried
+    later rather than labelled by a weaker grader for good. With ``use_fallback`` it is graded by exact match per
+    blank instead and the returned record says so (``fallback: True``). Returns the score and what to record.
     """
     from reward.answer_match import score_answer, score_spans, split_spans
     from reward.judge import JudgeItem
@@ -138,14 +145,15 @@ async def label_answer(
     spans = tuple(split_spans(answer)) if task.kind == "ramp" else None
     verdict = await judge.grade(JudgeItem(golds=task.golds, answer=answer, spans=spans, question=task.text))
     if verdict.score is not None:
-        return verdict.score, {"by": "judge", "score": verdict.score, "correct": list(verdict.correct)}
+        return verdict.score, {"by": "judge", "fallback": False, "score": verdict.score,
+                               "correct": list(verdict.correct)}
     if not use_fallback:
         raise BackendFailure(f"judge: {verdict.error}")
     if task.kind == "ramp":
         score = score_spans(answer, [list(g) for g in task.golds]).mean.em
     else:
         score = score_answer(answer, list(task.golds[0])).em
-    return score, {"by": "answer_match", "score": score, "judge_error": verdict.error}
+    return score, {"by": "answer_match", "fallback": True, "score": score, "judge_error": verdict.error}
 
 
 # ------------------------------------------------------------------------------------------------ the agents
@@ -281,6 +289,8 @@ def run_cot(config: CotConfig) -> dict[str, Any]:
 
 
 async def _run(config: CotConfig) -> dict[str, Any]:
+    import traceback
+
     from tqdm import tqdm
 
     from masksearch_rl.cot.tasks import iter_tasks
@@ -292,12 +302,21 @@ async def _run(config: CotConfig) -> dict[str, Any]:
     backend = shared_backend(config.search_settings.backend)
     writer = ResumableJsonlWriter(out, key="id")
     errors_path = out.with_name(out.name + ".errors.jsonl")
+    errors = ErrorLog(errors_path, writer.done)
     started = time.perf_counter()
     bar = tqdm(desc="cot", unit="task", disable=not config.progress, mininterval=1.0)
     stop = asyncio.Event()
     try:
-        with writer, open(errors_path, "a", encoding="utf-8") as errors:
+        with errors, writer:  # the writer closes (fsync) first, then the error log is pruned against it
             semaphore = asyncio.Semaphore(config.concurrency)
+
+            def failed(task, kind: str, error: str, trace: str | None = None) -> None:
+                run_counts[kind] += 1
+                errors.add(task.id, "backend" if kind == "backend_error" else kind, error, trace)
+                if run_counts["backend_error"] + run_counts["task_error"] >= config.max_backend_errors:
+                    logger.error("stopping: %d failed tasks (max_backend_errors)",
+                                 run_counts["backend_error"] + run_counts["task_error"])
+                    stop.set()
 
             async def one(task) -> None:
                 try:
@@ -305,17 +324,18 @@ async def _run(config: CotConfig) -> dict[str, Any]:
                         return
                     try:
                         record = await construct(task, roles, backend, config)
+                        written = writer.write(record)
                     except BackendFailure as err:
-                        run_counts["backend_error"] += 1
-                        errors.write(json.dumps({"id": task.id, "error": str(err)}, ensure_ascii=False) + "\n")
-                        errors.flush()
-                        if run_counts["backend_error"] >= config.max_backend_errors:
-                            logger.error("stopping: %d backend errors (max_backend_errors)", run_counts["backend_error"])
-                            stop.set()
+                        failed(task, "backend_error", str(err))
                         return
-                    if writer.write(record):
+                    except Exception as err:  # one task's bug must not end the run; it is retried next run
+                        logger.exception("task %s failed", task.id)
+                        failed(task, "task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
+                        return
+                    if written:
                         run_counts[record["status"]] += 1
                         run_counts["kept"] += record["keep"]
+                        run_counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))
                 finally:
                     semaphore.release()
                     bar.update(1)
@@ -340,12 +360,15 @@ async def _run(config: CotConfig) -> dict[str, Any]:
         bar.close()
         await roles.aclose()
     summary = {
-        "run": {"processed": sum(run_counts[s] for s in STATUSES) + run_counts["backend_error"],
+        "run": {"processed": sum(run_counts[s] for s in STATUSES) + run_counts["backend_error"]
+                + run_counts["task_error"],
                 "kept": run_counts["kept"], "correct": run_counts["correct"], "judged_wrong": run_counts["wrong"],
                 "max_turns": run_counts["max_turns"], "parse_errors": run_counts["parse_error"],
-                "backend_errors": run_counts["backend_error"], "skipped_done": run_counts["skipped_done"],
+                "backend_errors": run_counts["backend_error"], "task_errors": run_counts["task_error"],
+                "judged_by_fallback": run_counts["judged_by_fallback"], "skipped_done": run_counts["skipped_done"],
                 "seconds": round(time.perf_counter() - started, 2)},
         "file": file_counts(out),
+        "errors_pending": errors.pending,
         "bad_input_lines": bad.summary(),
         "llm": {role: dict(client.stats) for role, client in roles.clients().items()},
         "judge": dict(roles.judge.stats),
@@ -379,11 +402,13 @@ def record_table(path: str | Path, limit: int = 20) -> tuple[list[str], list[lis
 
 
 def file_counts(path: str | Path) -> dict[str, int]:
-    """Counts over a whole output file, by status, and how many records are kept (recounted, never carried)."""
+    """Counts over a whole output file, by status, how many records are kept and how many were graded by the
+    exact-match fallback (recounted, never carried: correct after any number of resumes)."""
     counts: Counter = Counter()
     if Path(path).exists():
         for _, record in iter_jsonl(path, bad=BadLines()):
             counts["records"] += 1
             counts[str(record.get("status"))] += 1
             counts["kept"] += bool(record.get("keep"))
+            counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))
     return dict(counts)

@@ -10,8 +10,15 @@ Roles are told apart by their system prompt: Planner, Rewriter, Observer (maskse
 ``turns`` and the vLLM ``continue_final_message`` layouts) and ``/v1/completions``.
 
 Misbehaviour on request, per task id (``server.behaviour[id] = ...``): ``garbage`` (Observer and policy reply
-nonsense), ``429`` (Planner and policy always answer HTTP 429), ``slow`` (Planner and policy answer after
-``slow_s``), ``wrong`` (a wrong final answer), ``loop`` (never answers). ``delay_s`` slows every reply.
+nonsense), ``planner_garbage`` / ``rewriter_garbage`` / ``judge_garbage`` (that role replies nonsense), ``429``
+(Planner and policy always answer HTTP 429), ``slow`` (Planner and policy answer after ``slow_s``), ``wrong`` (a
+wrong final answer), ``loop`` (never answers), ``replan`` (the Observer asks for a new plan after its first search),
+``own_knowledge`` (the Observer finds nothing in any result and answers only once told it may use its own
+knowledge), ``chatty`` (the policy answers right but with untagged text before its answer). ``delay_s`` slows every
+reply. ``server.requests`` keeps ``{"role", "task", "user", "temperature"}`` of every request (``user``: the last
+message), for tests to inspect.
+
+QA records without ``oracle_queries`` (e.g. real HotpotQA files) are searched by their question.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class ScriptedServer:
         self.behaviour: dict[str, str] = {}
         self.delay_s, self.slow_s = delay_s, slow_s
         self.hits: Counter = Counter()
+        self.requests: list[dict[str, Any]] = []
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -86,7 +94,7 @@ class ScriptedServer:
     # ----------------------------------------------------------------------------------------------- dispatch
     def _task(self, text: str) -> dict[str, Any] | None:
         for task in self.tasks:
-            key = task["query"] if "masks" in task else task["question"]
+            key = task["query"] if "masks" in task else task["question"].strip()
             if key in text:
                 return task
         return None
@@ -108,14 +116,18 @@ class ScriptedServer:
             role = "policy"
         self.hits[role] += 1
         task = self._task(messages[1]["content"] if messages and len(messages) > 1 else text)
-        behaviour = self.behaviour.get(str(task.get("id"))) if task else None
+        task_id = _task_id(task) if task else None
+        behaviour = self.behaviour.get(task_id) if task else None
+        self.requests.append({"role": role, "task": task_id, "temperature": body.get("temperature"),
+                              "user": str(messages[-1]["content"]) if messages else text})
         if behaviour == "429" and role in ("planner", "policy"):
             return JSONResponse({"error": {"message": "rate limited"}}, status_code=429,
                                 headers={"retry-after-ms": "10"})
         if behaviour == "slow" and role in ("planner", "policy"):
             await asyncio.sleep(self.slow_s)
         if role == "judge":
-            reply, finish = _judge(messages[-1]["content"]), None
+            garbage = behaviour == "judge_garbage"
+            reply, finish = ("I think it is fine." if garbage else _judge(messages[-1]["content"])), None
         elif task is None:
             reply, finish = "I do not know this task.", None
         elif role == "policy":
@@ -139,31 +151,58 @@ def _completion(model: str, text: str, legacy: bool, finish: tuple[str, str | No
 
 
 # ---------------------------------------------------------------------------------------------------- roles
-def _first_query(task: dict) -> str:
-    return task["title"] if "masks" in task else task["oracle_queries"][0]
+def _task_id(task: dict) -> str:
+    return str(task.get("id", task.get("idx")))
+
+
+def _hops(task: dict) -> list[str]:
+    """What to search, in order: the oracle chain, a RAMP item's title, else the question itself."""
+    return list(task.get("oracle_queries") or [task.get("title") or task.get("question")])
+
+
+def _golds(task: dict) -> list[list[str]]:
+    """Aliases per blank: one blank per mask (RAMP), one blank holding the answer's aliases (QA)."""
+    if "masks" in task:
+        return [[m] for m in task["masks"]]
+    answer = task["answer"]
+    return [[answer] if isinstance(answer, str) else list(answer)]
 
 
 def _planner(task: dict, user: str, behaviour: str | None) -> str:
-    return json.dumps({"plan": f"Look up {_first_query(task)} first, then follow what it says.",
-                       "sub_queries": [_first_query(task)]})
+    if behaviour == "planner_garbage":
+        return "Let me think about a plan. First, I would search."
+    first = _hops(task)[0]
+    return json.dumps({"plan": f"Look up {first} first, then follow what it says.", "sub_queries": [first]})
 
 
 def _rewriter(task: dict, user: str, behaviour: str | None) -> str:
+    if behaviour == "rewriter_garbage":
+        return '{"queries": "just one query"}'
     request = user.rsplit("Search request:", 1)[-1].strip()
     return "```json\n" + json.dumps({"queries": [request, f"{request} facts", f"about {request}"]}) + "\n```"
 
 
 def _found(task: dict, results: str) -> list[str] | None:
-    """The answer (spans) when ``results`` contain all of it, else None."""
-    golds = task["masks"] if "masks" in task else [task["answer"]]
+    """The answer (one alias per blank) when ``results`` contain all of it, else None."""
     low = results.lower()
-    return list(golds) if all(g.lower() in low for g in golds) else None
+    found = [next((a for a in aliases if a.lower() in low), None) for aliases in _golds(task)]
+    return None if None in found else found
 
 
 def _observer(task: dict, user: str, behaviour: str | None) -> str:
     if behaviour == "garbage":
         return "Sure! The answer is probably in the second document {not json"
     done = int(re.search(r"Searches so far: (\d+)", user).group(1))
+    if behaviour == "replan" and done == 1:
+        return json.dumps({"summary": "Nothing useful yet.", "think": "This plan is not working.", "found": False,
+                           "action": "replan"})
+    if behaviour == "own_knowledge":
+        if agents.OWN_KNOWLEDGE_HINT not in user:
+            return json.dumps({"summary": "The results do not help.", "think": "I should look elsewhere.",
+                               "found": False, "action": "search", "sub_query": f"{_hops(task)[0]} history"})
+        spans = [aliases[0] for aliases in _golds(task)]
+        return json.dumps({"summary": "Searching did not help.", "think": "I know this from memory.", "found": True,
+                           "action": "answer", "answer": spans if "masks" in task else spans[0]})
     results = user.split("Latest results:", 1)[-1]
     found = _found(task, results)
     if found and behaviour != "loop":
@@ -172,7 +211,7 @@ def _observer(task: dict, user: str, behaviour: str | None) -> str:
             answer = ["Nobody"] * len(found) if "masks" in task else "Nobody"
         return json.dumps({"summary": "The results state what is needed.", "think": "I can answer now.",
                            "found": True, "action": "answer", "answer": answer})
-    hops = task.get("oracle_queries") or [task.get("title")]
+    hops = _hops(task)
     next_query = hops[done] if done < len(hops) and behaviour != "loop" else hops[-1]
     return json.dumps({"summary": f"The results name {next_query}.", "think": f"Next I need {next_query}.",
                        "found": True, "action": "search", "sub_query": next_query})
@@ -206,8 +245,10 @@ def _policy(task: dict, text: str, behaviour: str | None, body: dict) -> tuple[s
         if behaviour == "wrong":
             answer = "Nobody"
         reply, tag = f"<think> The information gives the answer. </think>\n<answer> {answer} </answer>", "</answer>"
+        if behaviour == "chatty":
+            reply = f"Great, that settles it! {reply}"
     else:
-        hops = task.get("oracle_queries") or [task.get("title")]
+        hops = _hops(task)
         query = hops[min(len(infos), len(hops) - 1)]
         reply, tag = f"<think> I need to look up {query}. </think>\n<search> {query} </search>", "</search>"
     if not (body.get("include_stop_str_in_output") or (body.get("extra_body") or {}).get("include_stop_str_in_output")):

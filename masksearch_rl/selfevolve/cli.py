@@ -9,6 +9,18 @@ from typing import Optional
 import typer
 
 
+def search_backend(retrieval_url: str | None, index_dir: str | None, web: str | None) -> dict:
+    """The ``search.backend`` mapping (envs.search_client.SearchSettings / make_backend) from the three mutually
+    exclusive options, chosen the way ``eval run`` chooses: web API, local index, else our retrieval server."""
+    if sum(x is not None for x in (retrieval_url, index_dir, web)) > 1:
+        raise typer.BadParameter("choose one of --retrieval-url, --index, --web")
+    if web:
+        return {"type": web}
+    if index_dir:
+        return {"type": "local", "index_dir": index_dir}
+    return {"type": "server", "url": retrieval_url or "http://127.0.0.1:8000"}
+
+
 def register(app: typer.Typer) -> None:
     se = typer.Typer(help="Self-Evolve Distillation (teacher trajectories -> judge -> merged D_T).",
                      no_args_is_help=True)
@@ -25,7 +37,17 @@ def register(app: typer.Typer) -> None:
         judge_url: str = typer.Option(..., "--judge-url"),
         judge_model: str = typer.Option(..., "--judge-model"),
         api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the env variable holding the key."),
-        retrieval_url: str = typer.Option("http://127.0.0.1:8000", help="Our retrieval server."),
+        retrieval_url: Optional[str] = typer.Option(None, "--retrieval-url", help="Our retrieval server (default "
+                                                    "http://127.0.0.1:8000)."),
+        index_dir: Optional[str] = typer.Option(None, "--index", help="Search a local index directly (no server)."),
+        web: Optional[str] = typer.Option(None, "--web", help="Web search instead: serper | serpapi | google_cse "
+                                          "(key from $SERPER_API_KEY ...)."),
+        topk: int = typer.Option(3, "--topk", help="Results per search."),
+        max_info_tokens: int = typer.Option(512, "--max-info-tokens", help="Words of results per <information>."),
+        temperature: float = typer.Option(0.7, "--temperature", help="Teacher sampling temperature."),
+        judge_fallback: bool = typer.Option(False, "--judge-fallback/--no-judge-fallback",
+                                            help="On a failed judge call grade by exact match (marked in the "
+                                            "record) instead of retrying the item on the next run."),
         num_items: int = typer.Option(1000, help="Fresh RAMP items the teacher attempts."),
         max_turns: int = typer.Option(4, help="Searches answered per episode."),
         chat_mode: str = typer.Option("turns", help="turns (any chat API) | continue (vLLM continue_final_message)."),
@@ -35,6 +57,7 @@ def register(app: typer.Typer) -> None:
                                                     "teacher-trajectory table to W&B (WANDB_MODE=offline ok)."),
         wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
         wandb_mode: Optional[str] = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
+        wandb_dir: Optional[str] = typer.Option(None, "--wandb-dir", help="Where W&B writes its run files."),
     ) -> None:
         """Teacher rollouts on fresh items -> judge -> merge into D_T -> SFT parquet; stats in iter_<i>/stats.json."""
         from dataclasses import asdict
@@ -43,20 +66,26 @@ def register(app: typer.Typer) -> None:
         from masksearch_rl.selfevolve.iteration import IterationConfig, run_iteration
         from masksearch_rl.tracking import TrackingConfig, start_run
 
+        backend = search_backend(retrieval_url, index_dir, web)
         config = IterationConfig(
             iteration=iteration, items=str(items), work_dir=str(work_dir),
             dataset=str(dataset) if dataset else None,
             teacher={"base_url": teacher_url, "model": teacher_model, "api_key_env": api_key_env,
-                     "concurrency": concurrency, "temperature": 0.7},
+                     "concurrency": concurrency, "temperature": temperature},
             judge={"base_url": judge_url, "model": judge_model, "api_key_env": api_key_env},
-            search={"backend": {"type": "server", "url": retrieval_url}}, num_items=num_items, max_turns=max_turns,
-            chat_mode=chat_mode, concurrency=concurrency, progress=progress,
+            search={"backend": backend, "topk": topk, "max_info_tokens": max_info_tokens}, num_items=num_items,
+            max_turns=max_turns, chat_mode=chat_mode, judge_fallback=judge_fallback, concurrency=concurrency,
+            progress=progress,
         )
         tracking = TrackingConfig(project=wandb_project, name=wandb_name or f"selfevolve-iter{iteration}",
-                                  mode=wandb_mode)
+                                  mode=wandb_mode, dir=wandb_dir)
         with start_run(tracking, "selfevolve", asdict(config)) as tracker:
             stats = run_iteration(config)
             tracker.summary(stats)
             if tracker.enabled:
                 tracker.log_table("selfevolve/teacher_trajectories", *record_table(config.iter_dir / "teacher.jsonl"))
         typer.echo(json.dumps(stats, indent=2))
+        if not stats["merge"]["total"]:
+            typer.echo(f"no trajectories to train on; failures: {config.iter_dir / 'teacher.jsonl.errors.jsonl'}",
+                       err=True)
+            raise typer.Exit(1)

@@ -7,23 +7,43 @@ appended to ``<work_dir>/iter_<i>/teacher.jsonl`` (resumable) -> kept ones merge
 ``iter_<i>/dataset.jsonl`` (dedupe by id and content) -> ``iter_<i>/sft/{train,val}.parquet`` -> ``iter_<i>/stats.json``.
 
 Teacher records use the ``cot build`` schema (``status`` correct / wrong / max_turns / parse_error, ``keep``,
-``messages``, ``response``, ``log``), ``generator: teacher_iter<i>``. Endpoint failures are not recorded (retried on
-the next run) and counted as backend errors.
+``messages``, ``response``, ``log``), ``generator: teacher_iter<i>``, plus ``format`` (``ok`` or why the response
+breaks the tag protocol, :func:`reward.format.check_format` with one span per mask for RAMP). ``keep`` needs both a
+judged-correct answer and ``format: ok``: the judge reads only the answer, and SFT on a malformed trajectory teaches
+the malformation.
+
+What is not recorded (so the next run retries it), but counted and logged with its cause to
+``iter_<i>/teacher.jsonl.errors.jsonl`` (pruned of ids that later succeed): a teacher endpoint failure, a search that
+failed (backend down or erroring: its error text in an ``<information>`` block would be trained on), a judge failure
+(unless ``judge_fallback``), and any unexpected exception (``task_error``, with its traceback). The rollout's own
+notices for the policy's moves (search limit reached, empty or over-long query) are not failures: the first is
+normal, the others make the record ``format`` not ok.
+
+``stats.json``: ``teacher`` is recounted from the whole ``teacher.jsonl`` (right after any number of resumes),
+``run`` is what this process did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from masksearch_rl.jsonl import BadLines, ResumableJsonlWriter, atomic_path, iter_jsonl, write_jsonl
+from masksearch_rl.jsonl import BadLines, ErrorLog, ResumableJsonlWriter, atomic_path, iter_jsonl, write_jsonl
+
+logger = logging.getLogger(__name__)
 
 FINISH_TO_STATUS = {"answer": None, "search_limit": "max_turns", "length": "max_turns", "no_tag": "parse_error"}
+# Turn.search_error values that the rollout (envs.rollout, envs.search_client) sets for the policy's own moves; any
+# other search error is a failed search backend.
+LIMIT_NOTICES = ("search limit reached", "search after the limit notice")
+QUERY_ERRORS = {"empty query": "empty_query", "query too long": "query_too_long"}
 
 
 @dataclass
@@ -41,6 +61,7 @@ class IterationConfig:
     chat_mode: str = "turns"  # how the teacher sees the transcript (envs.rollout.ChatPolicy)
     info_role: str = "tool"
     min_judge_score: float = 1.0
+    judge_fallback: bool = False  # a failed judge call: False = backend error (retried), True = exact match, marked
     concurrency: int = 32
     val_fraction: float = 0.02
     seed: int = 0
@@ -81,11 +102,51 @@ def run_iteration(config: IterationConfig) -> dict[str, Any]:
     return asyncio.run(_run(config))
 
 
+async def teacher_record(task: Any, policy: Any, search: Any, judge: Any, config: IterationConfig) -> dict[str, Any]:
+    """Roll the teacher out on ``task``, judge and format-check it; the record to write.
+
+    Raises ``BackendFailure`` when the teacher endpoint, a search or the judge failed: such a trajectory says more
+    about the outage than about the teacher, so it is retried rather than recorded.
+    """
+    from envs.rollout import run_episode
+    from masksearch_rl.cot.pipeline import BackendFailure, label_answer
+    from reward.format import check_format
+
+    episode = await run_episode(policy, search, list(task.prompt), config.max_turns, config.max_new_tokens)
+    if episode.finish == "policy_error":
+        raise BackendFailure(f"teacher: {'; '.join(episode.errors)}")
+    failed_searches = [t.search_error for t in episode.turns
+                       if t.search_error and t.search_error not in LIMIT_NOTICES and t.search_error not in QUERY_ERRORS]
+    if failed_searches:
+        raise BackendFailure(f"search: {failed_searches[0]} ({len(failed_searches)} failed search(es))")
+    status = FINISH_TO_STATUS[episode.finish]
+    judged, reason = None, f"finish={episode.finish}"
+    if status is None:
+        score, judged = await label_answer(judge, task, episode.answer or "", config.judge_fallback)
+        status = "correct" if score >= config.min_judge_score else "wrong"
+        reason = "" if status == "correct" else f"judged {score:.2f} < {config.min_judge_score}"
+    result = check_format(episode.raw, num_masks=task.num_masks)
+    fmt = result.reason.label
+    bad_queries = [QUERY_ERRORS[t.search_error] for t in episode.turns if t.search_error in QUERY_ERRORS]
+    if result.ok and bad_queries:
+        fmt = bad_queries[0]
+    keep = status == "correct" and fmt == "ok"
+    if status == "correct" and not keep:
+        reason = f"format: {fmt}"
+    return {
+        "id": task.id, "data_source": task.data_source, "kind": task.kind, "status": status, "reason": reason,
+        "keep": keep, "format": fmt, "answer": episode.answer, "gold": [list(g) for g in task.golds],
+        "judge": judged, "num_searches": episode.search_count, "messages": episode.to_messages(config.info_role),
+        "response": episode.raw, "log": episode.to_dict()["turns"], "latency_s": round(episode.latency_s, 3),
+        "generator": f"teacher_iter{config.iteration}",
+    }
+
+
 async def _run(config: IterationConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from envs.rollout import ChatPolicy, make_search_env, run_episode
-    from masksearch_rl.cot.pipeline import BackendFailure, label_answer
+    from envs.rollout import ChatPolicy, make_search_env
+    from masksearch_rl.cot.pipeline import BackendFailure
     from masksearch_rl.llm import LLMClient, LLMConfig
     from reward.judge import JUDGE_LLM_DEFAULTS, Judge
 
@@ -100,42 +161,35 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
     judge = Judge(LLMClient(LLMConfig.from_dict({**JUDGE_LLM_DEFAULTS, **config.judge})))
     policy = ChatPolicy(teacher, mode=config.chat_mode, info_role=config.info_role)
     search = make_search_env(config.search)
-    counts: Counter = Counter()
-    writer = ResumableJsonlWriter(out_dir / "teacher.jsonl")
+    run: Counter = Counter()
+    teacher_path = out_dir / "teacher.jsonl"
+    writer = ResumableJsonlWriter(teacher_path)
+    errors = ErrorLog(teacher_path.with_name(teacher_path.name + ".errors.jsonl"), writer.done)
     semaphore = asyncio.Semaphore(config.concurrency)
     bar = tqdm(total=len(tasks), desc=f"self-evolve iter {config.iteration}", disable=not config.progress)
 
     async def one(task) -> None:
         async with semaphore:
-            episode = await run_episode(policy, search, list(task.prompt), config.max_turns, config.max_new_tokens)
-            if episode.finish == "policy_error":
-                counts["backend_error"] += 1
+            try:
+                record = await teacher_record(task, policy, search, judge, config)
+                written = writer.write(record)
+            except BackendFailure as err:
+                run["backend_error"] += 1
+                errors.add(task.id, "backend", str(err))
                 return
-            status = FINISH_TO_STATUS[episode.finish]
-            judged = None
-            if status is None:
-                try:
-                    score, judged = await label_answer(judge, task, episode.answer or "", True)
-                except BackendFailure:
-                    counts["backend_error"] += 1
-                    return
-                status = "correct" if score >= config.min_judge_score else "wrong"
-            record = {
-                "id": task.id, "data_source": task.data_source, "kind": task.kind, "status": status,
-                "reason": "" if status == "correct" else f"finish={episode.finish}", "keep": status == "correct",
-                "answer": episode.answer, "gold": [list(g) for g in task.golds], "judge": judged,
-                "num_searches": episode.search_count, "messages": episode.to_messages(config.info_role),
-                "response": episode.raw, "log": episode.to_dict()["turns"], "latency_s": round(episode.latency_s, 3),
-                "generator": f"teacher_iter{config.iteration}",
-            }
-            if writer.write(record):
-                counts[status] += 1
+            except Exception as err:  # one task's bug must not end the iteration; retried next run
+                logger.exception("self-evolve task %s failed", task.id)
+                run["task_error"] += 1
+                errors.add(task.id, "task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
+                return
+            if written:
+                _count(run, record)
 
     try:
-        with writer:
+        with errors, writer:  # the writer closes (fsync) first, then the error log is pruned against it
             pending = [t for t in tasks if t.id not in writer.done]
-            counts["skipped_done"] = len(tasks) - len(pending)
-            bar.update(counts["skipped_done"])
+            run["skipped_done"] = len(tasks) - len(pending)
+            bar.update(run["skipped_done"])
             jobs = [asyncio.create_task(one(t)) for t in pending]
             for job in asyncio.as_completed(jobs):
                 await job
@@ -144,16 +198,23 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
         bar.close()
         await teacher.aclose()
         await judge.client.aclose()
-    merged = merge_iteration(base, out_dir / "teacher.jsonl", out_dir / "dataset.jsonl")
+    merged = merge_iteration(base, teacher_path, out_dir / "dataset.jsonl")
     from masksearch_rl.sft.export import export_sft
 
-    sft = export_sft([out_dir / "dataset.jsonl"], out_dir / "sft", config.val_fraction, config.seed)
+    if merged["total"]:
+        sft = export_sft([out_dir / "dataset.jsonl"], out_dir / "sft", config.val_fraction, config.seed)
+    else:  # nothing kept yet (e.g. every item failed on a backend): still write the stats, there is no SFT data
+        sft = {"train": 0, "val": 0}
+    whole: Counter = Counter()
+    for _, record in iter_jsonl(teacher_path, bad=BadLines()):
+        _count(whole, record)
     stats = {
         "iteration": config.iteration,
         "fresh_items": len(tasks),
-        "teacher": {"correct": counts["correct"], "judged_wrong": counts["wrong"], "max_turns": counts["max_turns"],
-                    "parse_errors": counts["parse_error"], "backend_errors": counts["backend_error"],
-                    "skipped_done": counts["skipped_done"]},
+        "teacher": _named(whole),  # the whole teacher.jsonl, recounted
+        "run": {**_named(run), "backend_errors": run["backend_error"], "task_errors": run["task_error"],
+                "skipped_done": run["skipped_done"]},  # this process only
+        "errors_pending": errors.pending,
         "merge": merged,
         "sft": {k: sft[k] for k in ("train", "val")},
         "teacher_llm": dict(teacher.stats),
@@ -164,6 +225,21 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
     with atomic_path(out_dir / "stats.json") as tmp:
         tmp.write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _count(counts: Counter, record: dict[str, Any]) -> None:
+    """Add one teacher record to ``counts`` (used for this run's records and to recount the whole file)."""
+    counts["records"] += 1
+    counts[str(record.get("status"))] += 1
+    counts["kept"] += bool(record.get("keep"))
+    counts["format_rejected"] += record.get("status") == "correct" and record.get("format", "ok") != "ok"
+    counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))
+
+
+def _named(counts: Counter) -> dict[str, int]:
+    return {"records": counts["records"], "correct": counts["correct"], "judged_wrong": counts["wrong"],
+            "max_turns": counts["max_turns"], "parse_errors": counts["parse_error"], "kept": counts["kept"],
+            "format_rejected": counts["format_rejected"], "judged_by_fallback": counts["judged_by_fallback"]}
 
 
 def merge_iteration(base: list[dict], new_path: Path, out: Path) -> dict[str, int]:

@@ -25,11 +25,19 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(..., "--out-dir", help="Writes train.parquet and val.parquet here."),
         val_fraction: float = typer.Option(0.02, help="Share of ids held out for validation."),
         seed: int = typer.Option(0, help="Split seed."),
+        tokenizer: str = typer.Option(None, "--tokenizer", help="The SFT model's tokenizer (HF name or dir), to "
+                                      "measure trajectories; use with --max-tokens."),
+        max_tokens: int = typer.Option(None, "--max-tokens", help="Drop (and count) trajectories longer than this "
+                                       "many chat-template tokens; set to the recipe's data.max_length, so none is "
+                                       "cut before its <answer>."),
     ) -> None:
         """Export the ``keep: true`` trajectories, deduplicated by id and by content."""
         from masksearch_rl.sft.export import export_sft
 
-        typer.echo(json.dumps(export_sft(list(inputs), out_dir, val_fraction, seed), indent=2))
+        if (tokenizer is None) != (max_tokens is None):
+            raise typer.BadParameter("--tokenizer and --max-tokens go together")
+        summary = export_sft(list(inputs), out_dir, val_fraction, seed, tokenizer=tokenizer, max_tokens=max_tokens)
+        typer.echo(json.dumps(summary, indent=2))
 
     @sft.command("oracle")
     def oracle(

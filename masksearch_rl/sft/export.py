@@ -5,6 +5,12 @@ Input: JSONL records as written by ``cot build`` and ``selfevolve`` (``id``, ``k
 oldest file first): the same id twice, or the same trajectory text for two ids. Rows: ``messages`` (chat turns;
 information turns are not ``assistant``, so the dataset gives them loss mask 0), ``data_source``, ``id``.
 The split is seeded per id (``masksearch_rl.ramp.export.split_ids``): adding data later moves few rows.
+
+Length limit (``tokenizer`` + ``max_tokens``): verl's SFT dataset cuts a sequence longer than ``data.max_length`` at
+the right (our recipes' ``truncation: right``), which removes the ``<answer>`` turn and still trains on the rest: a
+trajectory that searches and never answers. With both set, records whose chat-template token length (the tokens
+verl's ``MultiTurnSFTDataset`` builds, with the training model's tokenizer) exceeds ``max_tokens`` are dropped and
+counted (``too_long``) instead. Set ``max_tokens`` to the recipe's ``data.max_length``.
 """
 
 from __future__ import annotations
@@ -61,23 +67,50 @@ def iter_kept(paths: Iterable[str | Path], bad: BadLines, stats: dict[str, int])
             yield record
 
 
+def token_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of ``messages`` rendered with ``tokenizer``'s chat template, as verl's MultiTurnSFTDataset counts them
+    (it checks that its per-turn tokens equal this whole-conversation rendering)."""
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
 def export_sft(
-    inputs: list[str | Path], out_dir: str | Path, val_fraction: float = 0.02, seed: int = 0
+    inputs: list[str | Path], out_dir: str | Path, val_fraction: float = 0.02, seed: int = 0,
+    tokenizer: Any = None, max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/train.parquet`` and ``out_dir/val.parquet`` (each atomically); returns counts."""
+    """Write ``out_dir/train.parquet`` and ``out_dir/val.parquet`` (each atomically); returns counts.
+
+    ``tokenizer`` (an HF tokenizer, or its name or directory) and ``max_tokens`` go together: records longer than
+    ``max_tokens`` chat-template tokens are dropped and counted as ``too_long`` (see the module docstring).
+    """
     import pandas as pd
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if (tokenizer is None) != (max_tokens is None):
+        raise ValueError("tokenizer and max_tokens go together: give both to drop over-long trajectories, or neither")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     bad = BadLines()
     stats = {"records": 0, "not_kept": 0, "duplicates": 0}
-    rows = [
-        {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]],
-         "data_source": str(r.get("data_source", "unknown")), "id": str(r["id"])}
-        for r in iter_kept(inputs, bad, stats)
-    ]
+    length: dict[str, int] = {"too_long": 0, "longest_kept": 0}
+    rows = []
+    for record in iter_kept(inputs, bad, stats):
+        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        if tokenizer is not None:
+            n = token_length(tokenizer, messages)
+            if n > max_tokens:
+                length["too_long"] += 1
+                continue
+            length["longest_kept"] = max(length["longest_kept"], n)
+        rows.append({"messages": messages, "data_source": str(record.get("data_source", "unknown")),
+                     "id": str(record["id"])})
     if not rows:
-        raise ValueError(f"no kept trajectories in {[str(p) for p in inputs]}")
+        raise ValueError(f"no kept trajectories in {[str(p) for p in inputs]}"
+                         + (f" within {max_tokens} tokens ({length['too_long']} too long)" if max_tokens else ""))
     val_ids = split_ids((row["id"] for row in rows), val_fraction, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,4 +120,5 @@ def export_sft(
         counts[split] = len(part)
         with atomic_path(out / f"{split}.parquet") as tmp:
             pd.DataFrame(part, columns=["messages", "data_source", "id"]).to_parquet(tmp, index=False)
-    return {**counts, **stats, "bad_lines": bad.summary(), "out_dir": str(out)}
+    limit = {"max_tokens": max_tokens, **length} if max_tokens is not None else {}
+    return {**counts, **stats, **limit, "bad_lines": bad.summary(), "out_dir": str(out)}
