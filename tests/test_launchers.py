@@ -128,9 +128,12 @@ def test_eval_val_parquet_override_composes_into_a_recipe(tmp_path):
 
 def test_selfevolve_loop_trains_logs_and_serves_the_hf_checkpoint():
     lines = dry_run("selfevolve_loop.sh", "1", "stage1_ramp/qwen2.5-1.5b_8gpu", ITEMS="items.jsonl",
-                    SEED_SET="cot.jsonl", JUDGE_URL="http://judge/v1", JUDGE_MODEL="judge", WANDB_PROJECT="ms")
+                    SEED_SET="cot.jsonl", JUDGE_URL="http://judge/v1", JUDGE_MODEL="judge", WANDB_PROJECT="ms",
+                    SFT_TOKENIZER="Qwen/Qwen2.5-1.5B-Instruct")
     export, sft, serve, iterate = (line[1:] for line in lines[:4])
     assert export[3:5] == ["sft", "export"]
+    assert export[export.index("--tokenizer") + 1] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert export[export.index("--max-tokens") + 1] == "8192"
     script = next(i for i, arg in enumerate(sft) if arg.endswith("sft_torchrun.sh"))
     cfg = compose(REPO / "recipes" / "configs" / "sft" / "stage1_ramp", "qwen2.5-1.5b_8gpu", sft[script + 2:])
     # The teacher's SFT logs to W&B and saves a Hugging Face dir, which is what vLLM then serves.

@@ -7,7 +7,9 @@
 #     recipes/launch/selfevolve_loop.sh <iterations> [sft recipe, default stage1_ramp/qwen2.5-7b_8gpu]
 # Environment: NUM_ITEMS (default 2000), WORK_DIR (runs/selfevolve), RETRIEVAL_URL (http://127.0.0.1:8000),
 #   VLLM_PORT (8100), VLLM_START_TIMEOUT (1800 s), PYTHON (python), SFT_LOGGER (trainer.logger of the SFT step, default [console,wandb]),
-#   WANDB_PROJECT (also log each iteration's stats and teacher trajectories), DRY_RUN=1 prints the steps.
+#   WANDB_PROJECT (also log each iteration's stats and teacher trajectories), SFT_TOKENIZER (the teacher's
+#   tokenizer: trajectories longer than SFT_MAX_TOKENS, default 8192 = the recipes' data.max_length, are dropped
+#   at export instead of being cut before their answer), DRY_RUN=1 prints the steps.
 set -euo pipefail
 [[ $# -ge 1 && $1 != -h ]] || { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 iterations=$1
@@ -20,7 +22,8 @@ run() { if [[ ${DRY_RUN:-0} == 1 ]]; then echo "+ $*"; else "$@"; fi; }
 dataset=${SEED_SET:?set SEED_SET to the agent-built trajectories (masksearch-rl cot build output)}
 for ((i = 1; i <= iterations; i++)); do
     sft_dir=$work/iter_$i/teacher_sft
-    run "$py" -m masksearch_rl.cli sft export "$dataset" --out-dir "$work/iter_$i/teacher_data" --val-fraction 0.02
+    run "$py" -m masksearch_rl.cli sft export "$dataset" --out-dir "$work/iter_$i/teacher_data" --val-fraction 0.02 \
+        ${SFT_TOKENIZER:+--tokenizer "$SFT_TOKENIZER" --max-tokens "${SFT_MAX_TOKENS:-8192}"}
     run env MASKSEARCH_DATA_DIR="$work/iter_$i/teacher_data/.." "$repo/recipes/launch/sft_torchrun.sh" "$recipe" \
         data.train_files="$work/iter_$i/teacher_data/train.parquet" data.val_files="$work/iter_$i/teacher_data/val.parquet" \
         trainer.default_local_dir="$sft_dir" trainer.logger="${SFT_LOGGER:-[console,wandb]}" \
