@@ -10,7 +10,8 @@ The policy generates until ``</search>`` or ``</answer>`` (stop strings, see :fu
 the engine does with them, each turn is cut after its first stop tag here). A search is answered with an
 ``<information>`` block and generation resumes from the prompt plus everything so far. Whatever goes wrong on the
 environment's side (empty or over-long query, backend down or slow, search limit reached) becomes a plain message
-inside ``<information>``; the rollout goes on and nothing raises.
+inside ``<information>``; the rollout goes on and nothing raises. A block always ends with its ``</information>``:
+near the end of the response budget its text is shortened or dropped, never its tags (``_information_ids``).
 
 Why the information block is raw token continuation (``tokenizer.encode(block, add_special_tokens=False)``) and not
 verl's Continuous Token builder: that builder renders chat *messages* (``<|im_start|>tool …`` turns), which is what
@@ -21,8 +22,9 @@ and the trainer, so nothing is ever re-tokenised.
 Limits:
 - ``search_env.max_turns``: at most this many ``<search>`` requests are answered (errors included); the next one gets
   a "limit reached, answer now" message and one more turn; a search after that ends the rollout.
-- ``rollout.response_length``: each generate call asks for at most what is left (``max_tokens``), results are cut to
-  fit, and the response is truncated to the budget whatever the engine returns.
+- ``rollout.response_length``: each generate call asks for at most what is left (``max_tokens``), an information
+  block is built to fit what is left (or left out, ending the rollout, when not even its tags fit), and the response
+  is truncated to the budget whatever the engine returns.
 
 Configuration: the top-level ``search_env`` section of the trainer config (:class:`SearchEnvConfig`), e.g.
 ``+search_env.backend.url=http://host:8000 +search_env.topk=3 +search_env.max_turns=4``. verl 0.9.1 does not check
@@ -31,7 +33,10 @@ Registration: ``import verl`` loads our ``verl.plugins`` entry point (masksearch
 module; rows choose the loop with ``agent_name: masksearch_agent``.
 
 Where ``extra_fields`` go in verl 0.9.1 (model_turns, env_turns, search_count, search_calls, search_errors,
-search_latency_s, info_tokens, response_truncated, finish_reason):
+search_limit_hits, search_latency_s, info_tokens, response_truncated, finish_reason). ``search_errors`` counts
+searches that failed on the environment's side (empty or over-long query, backend error or timeout);
+``search_limit_hits`` counts searches the policy asked for past ``max_turns`` (the notice, and the search that ends
+the rollout after it): the first is a backend health signal, the second the policy's behaviour.
 - Reward: ``AgentLoopWorker._compute_score`` sends them as ``tool_extra_fields``; the ``naive``, ``limited`` and
   ``remote`` reward managers merge them into ``extra_info`` before calling ``compute_score`` (and set
   ``extra_info["num_turns"]`` from verl's own count, hence no key of that name here). verl's ``dapo`` and ``gdpo``
@@ -68,7 +73,7 @@ from envs.prompts import (
     information_block,
     parse_query,
 )
-from envs.search_client import SearchOutcome, SearchSettings, search_once, shared_backend
+from envs.search_client import SearchSettings, search_once, shared_backend, truncate_to_budget
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +104,25 @@ class SearchEnvConfig(SearchSettings):
             raise ValueError(f"bad trainer config section '{CONFIG_SECTION}': {err}") from err
 
 
+# Engines that decode text with a tokenizer of their own whatever ``skip_tokenizer_init`` says: verl always gives
+# vLLM its tokenizer, and our ``hf`` backend (masksearch_rl/verl_ext/hf_rollout.py) loads one next to its model and
+# honours stop strings.
+ENGINES_WITH_OWN_TOKENIZER = ("vllm", "hf")
+
+
+def engine_decodes_text(rollout_name: str | None, skip_tokenizer_init: bool) -> bool:
+    """Can the engine match stop strings? Only when it decodes text, i.e. has a tokenizer."""
+    return rollout_name in ENGINES_WITH_OWN_TOKENIZER or not skip_tokenizer_init
+
+
 def stop_sampling_params(rollout_name: str | None, engine_has_tokenizer: bool) -> dict[str, Any]:
     """Stop strings for the engine, kept in its output so the closing tag is part of the policy's tokens.
 
     vLLM and TensorRT-LLM spell "keep it" ``include_stop_str_in_output``, SGLang ``no_stop_trim``; each rejects the
     other's key. Stop strings are matched on text, so an engine started without its tokenizer (verl's
-    ``rollout.skip_tokenizer_init``, default true; verl always gives vLLM its tokenizer) gets none: SGLang would fail
-    decoding them. The loop then cuts each turn after its first tag itself, at the cost of wasted generation.
+    ``rollout.skip_tokenizer_init``, default true; see :func:`engine_decodes_text` for the engines that have one
+    anyway) gets none: SGLang would fail decoding them. The loop then cuts each turn after its first tag itself, at
+    the cost of wasted generation.
     """
     if not engine_has_tokenizer:
         _warn_once(
@@ -175,10 +192,10 @@ class MaskSearchAgentLoop(AgentLoopBase):
         self.backend = shared_backend(self.env.backend)
         self.response_length = self.rollout_config.response_length
         name = self.rollout_config.name
-        engine_has_tokenizer = name == "vllm" or not self.rollout_config.get("skip_tokenizer_init", True)
-        self.stop_params = stop_sampling_params(name, engine_has_tokenizer)
-        # Tokens an <information> block takes around its text.
-        self.block_overhead = len(self.tokenizer.encode(information_block(""), add_special_tokens=False))
+        decodes = engine_decodes_text(name, self.rollout_config.get("skip_tokenizer_init", True))
+        self.stop_params = stop_sampling_params(name, decodes)
+        # The smallest block: its tags around no text.
+        self.empty_block = self.tokenizer.encode(information_block(""), add_special_tokens=False)
 
     @rollout_trace_op
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
@@ -186,7 +203,7 @@ class MaskSearchAgentLoop(AgentLoopBase):
         request_id = uuid4().hex  # one id for all turns: sticky routing, prefix-cache reuse
         traj = _Trajectory()
         stats = {"model_turns": 0, "env_turns": 0, "search_count": 0, "search_calls": 0, "search_errors": 0,
-                 "info_tokens": 0}
+                 "search_limit_hits": 0, "info_tokens": 0}
         timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
         server_fields: dict[str, Any] = {}
         num_preempted = None
@@ -220,16 +237,28 @@ class MaskSearchAgentLoop(AgentLoopBase):
                 break  # </search> as the very last token: no room left for the results
 
             stats["search_count"] += 1
-            outcome = await self._reply_to_search(turn_ids, traj, stats["search_count"])
-            if outcome is None:
-                stats["search_errors"] += 1
+            room = self.response_length - len(traj.ids)
+            past_limit = stats["search_count"] - self.env.max_turns
+            if past_limit > 1:  # a search after the limit notice: no reply
+                stats["search_limit_hits"] += 1
                 finish = "search_limit"
                 break
-            timing["tool_calls"] += outcome.latency_s
-            stats["search_calls"] += int(outcome.called_backend)
-            stats["search_errors"] += int(outcome.error is not None)
-            info_ids = self.tokenizer.encode(information_block(outcome.text), add_special_tokens=False)
-            info_ids = info_ids[: self.response_length - len(traj.ids)]
+            if past_limit == 1:
+                stats["search_limit_hits"] += 1
+                text = SEARCH_LIMIT_REACHED.format(limit=self.env.max_turns)
+            else:
+                # The results are first cut to what is left after the block's tags; _information_ids makes it exact.
+                query = parse_query(self.tokenizer.decode(turn_ids))
+                outcome = await search_once(
+                    query, self.env, self.backend, self.tokenizer, max_tokens=max(room - len(self.empty_block), 1)
+                )
+                timing["tool_calls"] += outcome.latency_s
+                stats["search_calls"] += int(outcome.called_backend)
+                stats["search_errors"] += int(outcome.error is not None)
+                text = outcome.text
+            info_ids = self._information_ids(text, room)
+            if not info_ids:
+                break  # not even the block's tags fit: the response is full ("length")
             traj.add_environment(info_ids)
             stats["env_turns"] += 1
             stats["info_tokens"] += len(info_ids)
@@ -256,23 +285,26 @@ class MaskSearchAgentLoop(AgentLoopBase):
             extra_fields=extra_fields,
         )
 
-    async def _reply_to_search(
-        self, turn_ids: list[int], traj: _Trajectory, search_number: int
-    ) -> SearchOutcome | None:
-        """What the environment answers to the ``search_number``-th search; None ends the rollout.
+    def _information_ids(self, text: str, room: int) -> list[int]:
+        """Token ids of the ``<information>`` block for ``text``, at most ``room`` of them, its tags always whole.
 
-        Within ``max_turns`` the query is searched; the first search past it gets the limit notice (and the policy
-        one more turn to answer); any search after the notice gets no reply.
+        The block is encoded as one piece, so its length is only known once encoded (tokens merge where text meets
+        tag, and a cut text ends in a marker); when it is too long the text is cut by the excess and the block encoded
+        again, a few times at most, then the text is dropped. Empty when not even the tags fit: a half-closed block
+        would read as the policy's own unclosed tag to the format reward.
         """
-        limit = self.env.max_turns
-        if search_number == limit + 1:
-            return SearchOutcome(SEARCH_LIMIT_REACHED.format(limit=limit), error="search limit reached")
-        if search_number > limit:
-            return None
-        query = parse_query(self.tokenizer.decode(turn_ids))
-        # The results are cut to what is left of the response after the block's own tags.
-        room = self.response_length - len(traj.ids) - self.block_overhead
-        return await search_once(query, self.env, self.backend, self.tokenizer, max_tokens=max(room, 1))
+        ids = self.tokenizer.encode(information_block(text), add_special_tokens=False)
+        budget = len(ids) - len(self.empty_block)  # about the text's own tokens
+        for _ in range(4):
+            if len(ids) <= room:
+                return ids
+            budget -= len(ids) - room
+            if budget <= 0:
+                break
+            ids = self.tokenizer.encode(
+                information_block(truncate_to_budget(text, budget, self.tokenizer)), add_special_tokens=False
+            )
+        return list(self.empty_block) if len(self.empty_block) <= room else []
 
 
 def _merge_server_fields(merged: dict[str, Any], latest: dict[str, Any]) -> None:

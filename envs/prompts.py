@@ -25,6 +25,12 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 STOP_STRINGS = [SEARCH_CLOSE, ANSWER_CLOSE]
 PROTOCOL_TAGS = (THINK_OPEN, THINK_CLOSE, SEARCH_OPEN, SEARCH_CLOSE, INFO_OPEN, INFO_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
+# The hermes variant: the policy calls the search tool inside <tool_call> (JSON), and Qwen2.5-style chat templates
+# wrap each tool reply in <tool_response>; the final answer uses the same <answer> tags.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+HERMES_TAGS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
+
 # The agent names rows carry in verl parquet (`agent_name`): our tag loop, and verl's built-in hermes tool loop.
 TAG_AGENT_NAME = "masksearch_agent"
 TOOL_AGENT_NAME = "tool_agent"
@@ -103,9 +109,11 @@ SEARCH_FAILED = (
     "Search error: the search engine did not answer ({reason}). There are no results for this query; "
     "search again or answer with what you already know."
 )
+# It names the answer tags without writing them: a complete <answer>…</answer> here would be text the environment
+# wrote that looks like an answer to anything that reads the response without the protocol (logs, fallbacks).
 SEARCH_LIMIT_REACHED = (
     "Search limit reached: all {limit} searches are used up and nothing was searched. "
-    "Give your final answer now inside <answer> and </answer>."
+    "Do not search again: give your final answer now, inside the answer tags."
 )
 TRUNCATION_MARKER = " ... [truncated]"
 

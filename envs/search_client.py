@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from envs.prompts import (
+    HERMES_TAGS,
     PROTOCOL_TAGS,
     SEARCH_EMPTY_QUERY,
     SEARCH_FAILED,
@@ -124,8 +125,8 @@ async def close_shared_backends() -> None:
 def format_hits(hits: list[Hit]) -> str:
     """``Doc 1 (Title: T) text`` per hit, one per line, best first.
 
-    Protocol tags inside retrieved text are removed: a passage that quoted ``</information>`` would otherwise close
-    the block early for the format reward and for the policy.
+    Protocol tags inside retrieved text are removed: a passage that quoted ``</information>`` (or, in the hermes
+    variant, ``</tool_response>``) would otherwise close the block early for the format reward and for the policy.
     """
     lines = []
     for rank, hit in enumerate(hits, start=1):
@@ -134,8 +135,11 @@ def format_hits(hits: list[Hit]) -> str:
     return "\n".join(lines)
 
 
+_STRIPPED_TAGS = (*PROTOCOL_TAGS, *HERMES_TAGS)
+
+
 def _clean(text: str) -> str:
-    for tag in PROTOCOL_TAGS:
+    for tag in _STRIPPED_TAGS:
         text = text.replace(tag, " ")
     return " ".join(text.split())
 

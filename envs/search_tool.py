@@ -9,12 +9,19 @@ verl 0.9.1 calls, per tool call: ``create(create_kwargs=row's tools_kwargs.searc
 query, or a backend failure, comes back as text in the tool response, never as an exception.
 
 Tool ``config`` keys (besides verl's ``type: native``): the fields of
-:class:`~envs.search_client.SearchSettings` and ``tokenizer_path`` (optional; a local tokenizer that makes
-``max_info_tokens`` count tokens instead of words).
+:class:`~envs.search_client.SearchSettings` and ``tokenizer_path``: the policy's tokenizer (a local path or hub id),
+with which ``max_info_tokens`` counts tokens, as the tag loop counts them. verl gives tools no tokenizer, so the
+shipped YAML reads it from ``$MASKSEARCH_POLICY_TOKENIZER``, which the hermes recipe sets for every Ray worker to
+``actor_rollout_ref.model.path``; without one the budget counts words (logged once), roughly 1.3 tokens each.
+
+verl then cuts each tool response to ``actor_rollout_ref.rollout.multi_turn.max_tool_response_length``
+*characters* (256 by default, with a "...(truncated)..." in the middle): set it above what ``max_info_tokens``
+produces (about 4096 for 512 tokens), so the cut that counts is ours.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from uuid import uuid4
 
@@ -22,6 +29,8 @@ from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
 from envs.search_client import SearchSettings, search_once, shared_backend
+
+logger = logging.getLogger(__name__)
 
 VERL_KEYS = ("type",)  # keys verl's loader reads from the tool config itself
 
@@ -57,6 +66,11 @@ class SearchTool(BaseTool):
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        else:
+            logger.warning(
+                "search tool %r has no tokenizer_path (or $MASKSEARCH_POLICY_TOKENIZER): max_info_tokens=%d counts "
+                "words, not the policy's tokens", self.name, self.settings.max_info_tokens,
+            )
         self._instances: dict[str, dict[str, Any]] = {}  # instance id -> the row's create_kwargs
 
     def get_openai_tool_schema(self) -> OpenAIFunctionToolSchema:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,9 +113,17 @@ class LLMClient:
         blob = json.dumps({"model": self.config.model, "messages": messages, **params}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    async def chat(self, messages: list[dict], *, use_cache: bool = True, **overrides: Any) -> str:
-        """The reply text to ``messages`` (cached on disk when the config has a ``cache_dir``)."""
-        return (await self._cached("chat", messages, use_cache, None, overrides)).text
+    async def chat(
+        self, messages: list[dict], *, use_cache: bool = True, accept: Callable[[str], bool] | None = None,
+        **overrides: Any,
+    ) -> str:
+        """The reply text to ``messages`` (cached on disk when the config has a ``cache_dir``).
+
+        ``accept`` decides which replies the cache may keep: a reply it rejects is returned but not stored, and a
+        stored one it rejects is asked for again, so a caller that cannot use a reply (a judge reply that does not
+        parse) never gets it replayed.
+        """
+        return (await self._cached("chat", messages, use_cache, None, overrides, accept)).text
 
     async def chat_completion(
         self, messages: list[dict], *, use_cache: bool = True, extra_body: dict[str, Any] | None = None,
@@ -133,7 +142,8 @@ class LLMClient:
         return await self._cached("text_completion", prompt, use_cache, extra_body, overrides)
 
     async def _cached(
-        self, kind: str, payload: Any, use_cache: bool, extra_body: dict[str, Any] | None, overrides: dict[str, Any]
+        self, kind: str, payload: Any, use_cache: bool, extra_body: dict[str, Any] | None, overrides: dict[str, Any],
+        accept: Callable[[str], bool] | None = None,
     ) -> Completion:
         cfg = self.config
         params: dict[str, Any] = {
@@ -149,11 +159,17 @@ class LLMClient:
             key = self.cache_key(payload if kind != "text_completion" else [{"prompt": payload}], key_params)
             cached = self._cache.get(key)
             if cached is not None:
-                self.stats["cache_hits"] += 1
-                return Completion(cached) if isinstance(cached, str) else Completion(**cached)
+                hit = Completion(cached) if isinstance(cached, str) else Completion(**cached)
+                if accept is None or accept(hit.text):
+                    self.stats["cache_hits"] += 1
+                    return hit
+                self.stats["cache_rejected"] += 1
         completion = await self._request(kind, payload, params, body)
         if key is not None:
-            self._cache.set(key, completion.text if kind == "chat" else asdict(completion))
+            if accept is None or accept(completion.text):
+                self._cache.set(key, completion.text if kind == "chat" else asdict(completion))
+            else:
+                self._cache.delete(key)  # a stored reply that is rejected now: no need to read it again
         return completion
 
     async def _request(self, kind: str, payload: Any, params: dict[str, Any], body: dict[str, Any]) -> Completion:

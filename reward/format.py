@@ -1,4 +1,4 @@
-"""Format check of a search-agent response: is the tag protocol followed?
+"""Format check of a search-agent response: is the tag protocol (or its hermes tool-call variant) followed?
 
 The response is what verl decodes after the prompt: the policy's text plus the environment's ``<information>``
 blocks. A well-formed response is a sequence of blocks separated by whitespace::
@@ -14,6 +14,20 @@ blocks. A well-formed response is a sequence of blocks separated by whitespace::
 
 The result says *why* a response fails (a :class:`FormatReason`), because the reasons are logged as metrics.
 
+The hermes variant (``FormatRules.protocol="hermes"``; verl's ``tool_agent`` loop with our search tool, chosen per
+sample by the reward from the row's ``agent_name``) is what verl decodes from a Qwen2.5-style chat: the policy's
+turns, each tool call ``<tool_call>{"name": …, "arguments": …}</tool_call>``, the chat template's tool turn
+``user <tool_response>…</tool_response> assistant`` (role headers stay as plain text once special tokens are
+skipped), and the final ``<answer>…</answer>``. It is checked as (:func:`_walk_hermes`):
+
+* every group of tool calls is answered by one to as many tool responses before any other block, and no tool response
+  comes unasked; a call's body is a JSON object with ``name`` and ``arguments`` (what verl's hermes parser accepts);
+* ``<tool_response>`` bodies are opaque, ``<think>`` blocks optional, tags never nested and always closed;
+* free text between blocks is part of the protocol (the policy's reasoning, the template's role headers);
+* exactly one ``<answer>`` and nothing after it, as above. FormatReason's search codes stand for tool calls there:
+  SEARCH_WITHOUT_INFORMATION is an unanswered call, INFORMATION_WITHOUT_SEARCH an unasked response, EMPTY_SEARCH an
+  empty call; BAD_TOOL_CALL a call verl cannot parse.
+
 Every rollout is checked, so speed matters: ``_walk_tags`` is the definition (read tag by tag), and ``_walk`` reads
 the usual well-formed blocks one regex match per step, handing over to ``_walk_tags`` at the first irregularity;
 tests/test_reward.py checks the result against a plain reference implementation on adversarial inputs.
@@ -21,8 +35,10 @@ tests/test_reward.py checks the result against a plain reference implementation 
 
 from __future__ import annotations
 
+import functools
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -33,8 +49,14 @@ from envs.prompts import (
     INFO_OPEN,
     SEARCH_CLOSE,
     SEARCH_OPEN,
+    TAG_AGENT_NAME,
     THINK_CLOSE,
     THINK_OPEN,
+    TOOL_AGENT_NAME,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    TOOL_RESPONSE_CLOSE,
+    TOOL_RESPONSE_OPEN,
 )
 from reward.answer_match import DEFAULT_PARAGRAPH_MIN_WORDS, SPAN_DELIMITER, is_paragraph_answer
 
@@ -59,10 +81,16 @@ class FormatReason(IntEnum):
     UNTAGGED_TEXT = 11
     MISSING_THINK = 12
     SPAN_COUNT_MISMATCH = 13
+    BAD_TOOL_CALL = 14  # hermes only: a tool call that is not {"name": ..., "arguments": ...} JSON
 
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+PROTOCOLS = ("tags", "hermes")
+# The protocol each agent loop's responses follow (rows name their loop in ``agent_name``).
+AGENT_PROTOCOLS = {TAG_AGENT_NAME: "tags", TOOL_AGENT_NAME: "hermes"}
 
 
 @dataclass(frozen=True)
@@ -70,15 +98,25 @@ class FormatRules:
     """What counts as well formed; every field can be set from the reward config (``format.<field>``)."""
 
     require_think: bool = False  # at least one <think> block
-    allow_untagged_text: bool = False  # free text between blocks (never after the answer)
+    allow_untagged_text: bool = False  # free text between blocks (never after the answer); hermes always allows it
     allow_paragraph: bool = True  # a multi-mask RAMP answer may be the reconstructed passage
     paragraph_min_words: int = DEFAULT_PARAGRAPH_MIN_WORDS
     eos_tokens: tuple[str, ...] = DEFAULT_EOS_TOKENS
+    # "tags" (<search>/<information>) or "hermes" (<tool_call>/<tool_response>); a row's agent_name overrides it.
+    protocol: str = "tags"
 
     def __post_init__(self) -> None:
         if self.paragraph_min_words < 1:
             raise ValueError(f"format.paragraph_min_words must be >= 1, got {self.paragraph_min_words}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"format.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         object.__setattr__(self, "eos_tokens", tuple(self.eos_tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def rules_for_protocol(rules: FormatRules, protocol: str) -> FormatRules:
+    """``rules`` with another protocol (cached: the reward asks for it per sample)."""
+    return rules if rules.protocol == protocol else replace(rules, protocol=protocol)
 
 
 class FormatResult(NamedTuple):
@@ -148,7 +186,8 @@ def format_fields(
     response: str, num_masks: int | None, rules: FormatRules
 ) -> tuple[bool, FormatReason, str | None, int, int, bool]:
     """:func:`check_format`'s result as a plain tuple, in FormatResult's order (the reward's hot path uses it)."""
-    failure, answer, num_searches, num_thinks, end = _walk(response, rules)
+    walk = _walk if rules.protocol == "tags" else _walk_hermes
+    failure, answer, num_searches, num_thinks, end = walk(response, rules)
     paragraph = False
     if failure is not None:
         pass
@@ -277,13 +316,123 @@ def _walk_tags(response: str, rules: FormatRules, pos: int = 0, num_searches: in
     return (None, answer, num_searches, num_thinks, pos)
 
 
-def extract_answer(response: str) -> str | None:
-    """Body of the last complete ``<answer>…</answer>`` block (stripped), or None: used to score even when the
-    format check fails, so the answer metrics stay informative."""
-    end = response.rfind(ANSWER_CLOSE)
-    if end < 0:
+# ------------------------------------------------------------------------------------------------------ hermes
+_HERMES_OPENERS = {THINK_OPEN: "think", TOOL_CALL_OPEN: "tool_call", TOOL_RESPONSE_OPEN: "tool_response",
+                   ANSWER_OPEN: "answer"}
+_HERMES_CLOSER_OF = {"think": THINK_CLOSE, "tool_call": TOOL_CALL_CLOSE, "answer": ANSWER_CLOSE}
+_HERMES_TAG_RE = re.compile(
+    "|".join(re.escape(tag) for tag in [*_HERMES_OPENERS, THINK_CLOSE, TOOL_CALL_CLOSE, TOOL_RESPONSE_CLOSE,
+                                        ANSWER_CLOSE])
+)
+
+
+def _walk_hermes(response: str, rules: FormatRules) -> _Walk:
+    """The hermes protocol read tag by tag (see the module docstring); ``num_searches`` counts tool calls.
+
+    Hermes rows are few next to the tag protocol's, so there is no fast path: this is the definition.
+    """
+    search = _HERMES_TAG_RE.search
+    pos = num_calls = num_thinks = 0
+    calls = responses = 0  # of the current group of tool calls: calls made, responses read
+    answer: str | None = None
+
+    def fail(reason: FormatReason) -> _Walk:
+        return (reason, answer, num_calls, num_thinks, pos)
+
+    while (match := search(response, pos)) is not None:
+        tag = match.group()
+        if answer is not None:
+            return fail(FormatReason.MULTIPLE_ANSWERS if tag == ANSWER_OPEN else FormatReason.TEXT_AFTER_ANSWER)
+        name = _HERMES_OPENERS.get(tag)
+        if name is None:
+            return fail(FormatReason.UNEXPECTED_CLOSE)
+        body_start = match.end()
+        if name == "tool_response":
+            if responses >= calls:  # nothing asked, or more answers than calls
+                return fail(FormatReason.INFORMATION_WITHOUT_SEARCH)
+            end = response.find(TOOL_RESPONSE_CLOSE, body_start)
+            if end < 0:
+                return fail(FormatReason.UNCLOSED_TAG)
+            responses += 1
+            pos = end + len(TOOL_RESPONSE_CLOSE)
+            continue
+        if name != "tool_call":
+            if calls and not responses:
+                return fail(FormatReason.SEARCH_WITHOUT_INFORMATION)
+            calls = responses = 0  # any other block closes the group: later responses were not asked for
+        closing = search(response, body_start)
+        if closing is None:
+            return fail(FormatReason.UNCLOSED_TAG)
+        if closing.group() != _HERMES_CLOSER_OF[name]:
+            is_open = closing.group() in _HERMES_OPENERS
+            return fail(FormatReason.NESTED_TAG if is_open else FormatReason.UNEXPECTED_CLOSE)
+        body = response[body_start : closing.start()]
+        pos = closing.end()
+        if name == "tool_call":
+            if not body.strip():
+                return fail(FormatReason.EMPTY_SEARCH)
+            if not _is_tool_call(body):
+                return fail(FormatReason.BAD_TOOL_CALL)
+            if responses:  # calls after the responses: a new group
+                calls = responses = 0
+            calls += 1
+            num_calls += 1
+        elif name == "think":
+            num_thinks += 1
+        else:
+            answer = body.strip()
+    return (None, answer, num_calls, num_thinks, pos)
+
+
+def _is_tool_call(body: str) -> bool:
+    """What verl's hermes parser can call: a JSON object with a ``name`` and ``arguments``. Parsed with json only."""
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call
+
+
+# ------------------------------------------------------------------------------------------------------ answers
+# The environment's text in each protocol: never the policy's answer, whatever it quotes.
+_OPAQUE_BLOCKS = {"tags": (INFO_OPEN, INFO_CLOSE), "hermes": (TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)}
+
+
+def extract_answer(response: str, protocol: str = "tags") -> str | None:
+    """Body of the last complete ``<answer>…</answer>`` block the policy wrote (stripped), or None: used to score
+    even when the format check fails, so the answer metrics stay informative.
+
+    Blocks the environment wrote (``<information>`` in the tag protocol, ``<tool_response>`` in hermes; an unclosed
+    one runs to the end) are skipped: retrieved text and the environment's own notices may quote answer tags, and
+    the policy must not be credited with them.
+    """
+    opener, closer = _OPAQUE_BLOCKS[protocol]
+    if opener not in response:
+        return _last_answer(response, 0, len(response))
+    # The policy's own stretches of text, last first; an answer block must lie within one of them.
+    stretches = []
+    pos = 0
+    while (start := response.find(opener, pos)) >= 0:
+        stretches.append((pos, start))
+        end = response.find(closer, start + len(opener))
+        if end < 0:
+            pos = len(response)
+            break
+        pos = end + len(closer)
+    stretches.append((pos, len(response)))
+    for start, end in reversed(stretches):
+        answer = _last_answer(response, start, end)
+        if answer is not None:
+            return answer
+    return None
+
+
+def _last_answer(response: str, start: int, end: int) -> str | None:
+    """The last complete answer block within ``response[start:end]``."""
+    close = response.rfind(ANSWER_CLOSE, start, end)
+    if close < 0:
         return None
-    start = response.rfind(ANSWER_OPEN, 0, end)
-    if start < 0:
+    open_ = response.rfind(ANSWER_OPEN, start, close)
+    if open_ < 0:
         return None
-    return response[start + len(ANSWER_OPEN) : end].strip()
+    return response[open_ + len(ANSWER_OPEN) : close].strip()

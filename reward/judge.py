@@ -5,10 +5,12 @@ Qwen2.5-72B judge). The endpoint is either a served model (``judge.base_url``, e
 whose address verl hands to the reward function as ``reward_router_address`` when ``reward.reward_model.enable``.
 
 Calls go through :class:`masksearch_rl.llm.LLMClient`: timeout, bounded retries with backoff, a concurrency limit
-and an on-disk cache (identical item => no second call). Identical items in flight at the same time share one
-call. The verdict is strict JSON, ``{"correct": [true, false, ...]}`` with one boolean per blank, parsed with
-``json`` only. Anything that fails (endpoint error, timeout, unparseable reply) yields a verdict with
-``score=None``; the caller then falls back to answer matching and counts it.
+and an on-disk cache (``judge.cache_dir``; identical item => no second call). Only replies that parse as a verdict
+are cached: an unparseable reply is a failure of that call, not the item's answer, so the next time the item comes
+up the judge is asked again. Identical items in flight at the same time share one call. The verdict is strict
+JSON, ``{"correct": [true, false, ...]}`` with one boolean per blank, parsed with ``json`` only. Anything that fails
+(endpoint error, timeout, unparseable reply) yields a verdict with ``score=None``; the caller then falls back to
+answer matching and counts it.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class Judge:
     async def _ask(self, messages: list[dict[str, str]], num_blanks: int) -> Verdict:
         self.stats["requests"] += 1
         try:
-            reply = await self.client.chat(messages)
+            reply = await self.client.chat(messages, accept=lambda text: parse_verdict(text, num_blanks) is not None)
         except Exception as err:  # endpoint down, timeout after retries, bad key, malformed HTTP reply ...
             return self._failed(f"judge call failed: {err}")
         correct = parse_verdict(reply, num_blanks)

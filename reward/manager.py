@@ -7,7 +7,12 @@ search_calls, search_errors, model/env turns, finish_reason ...) and verl's turn
 config keys, same formula, same ``overlong_reward`` / ``overlong`` logging: nothing is re-implemented) that feeds it
 a sample whose ``extra_info`` also holds the rollout's fields, merged the way ``naive`` merges them:
 
-    extra_info = {**row extra_info, **tool_extra_fields, "num_turns": __num_turns__, "rollout_reward_scores": ...}
+    extra_info = {**row extra_info, **tool_extra_fields, "num_turns": __num_turns__, "rollout_reward_scores": ...,
+                  "agent_name": the row's agent_name}
+
+``agent_name`` tells ``compute_score`` which loop wrote the response, so tag-protocol and hermes tool-call rollouts
+are each checked by their own format rules (reward/format.py); verl keeps it as a column of its own, not in
+``extra_info``.
 
 Unlike ``naive`` it builds a new dict instead of updating the row's in place: rollouts of one prompt can share that
 dict object, and samples are scored concurrently, so an in-place update could hand one rollout another's counts.
@@ -42,6 +47,7 @@ ROLLOUT_METRICS: dict[str, str] = {
     "rollout_searches": "search_count",
     "rollout_search_calls": "search_calls",
     "rollout_search_errors": "search_errors",
+    "rollout_search_limit_hits": "search_limit_hits",
 }
 
 
@@ -49,7 +55,8 @@ def merged_extra_info(non_tensor: Mapping[str, Any]) -> dict[str, Any]:
     """One sample's ``extra_info`` with the rollout's fields merged in (a new dict; the row's is left alone).
 
     Same keys and precedence as verl's ``naive`` manager: the tool fields override the row's keys, then
-    ``num_turns`` and ``rollout_reward_scores`` are set from verl's own columns.
+    ``num_turns`` and ``rollout_reward_scores`` are set from verl's own columns; ``agent_name`` is the row's (verl
+    hands it over as a numpy string) unless ``extra_info`` already names one.
     """
     extra_info = dict(non_tensor.get("extra_info") or {})
     tool_fields = non_tensor.get("tool_extra_fields")
@@ -57,6 +64,9 @@ def merged_extra_info(non_tensor: Mapping[str, Any]) -> dict[str, Any]:
         extra_info.update(tool_fields.items())
     extra_info["num_turns"] = non_tensor.get("__num_turns__")
     extra_info["rollout_reward_scores"] = non_tensor.get("reward_scores", {})
+    agent_name = non_tensor.get("agent_name")
+    if agent_name is not None and "agent_name" not in extra_info:
+        extra_info["agent_name"] = str(agent_name)
     return extra_info
 
 

@@ -14,6 +14,10 @@ and ``reward_model_tokenizer``. The returned dict's ``score`` is the reward; eve
 
 Ground truth (DESIGN.md): RAMP ``{"target": [...], "masks": [...]}`` (the spans in order; each a string or a list
 of aliases); QA ``{"target": [aliases...]}``, a plain string, or a list of aliases.
+
+Protocol: responses of our tag loop and of verl's hermes ``tool_agent`` loop are checked by different format rules
+(reward/format.py). ``extra_info["agent_name"]`` picks them per sample (our ``masksearch`` reward manager copies the
+row's ``agent_name`` there); rows without it follow ``format.protocol`` (default ``tags``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, NamedTuple
 
 from reward.answer_match import ZERO, mean_scores, score_answer, score_each_span, split_spans
 from reward.combine import RewardConfig, combine
-from reward.format import extract_answer, format_fields
+from reward.format import AGENT_PROTOCOLS, extract_answer, format_fields, rules_for_protocol
 from reward.judge import JudgeItem, get_judge, resolve_llm_config
 
 # Extra keyword arguments verl's reward managers add at call time (not configuration).
@@ -168,16 +172,23 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _rule_scores(data_source: str, solution_str: str, ground_truth: Any, kwargs: dict[str, Any]) -> _RuleScores:
+def _rule_scores(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None, kwargs: dict[str, Any]
+) -> _RuleScores:
     config = reward_config(_options(kwargs) if kwargs else kwargs)
     blanks, is_ramp = _parse_ground_truth(data_source, ground_truth)
     format_rules = config.format
+    if extra_info:  # the loop that wrote the response decides its protocol
+        agent = extra_info.get("agent_name")
+        protocol = AGENT_PROTOCOLS.get(agent) if isinstance(agent, str) else None
+        if protocol is not None and protocol != format_rules.protocol:
+            format_rules = rules_for_protocol(format_rules, protocol)
     # check_format's fields (FormatResult order)
     format_ok, format_reason, answer, num_searches, _, _ = format_fields(
         solution_str, len(blanks) if is_ramp else None, format_rules
     )
     if answer is None:
-        answer = extract_answer(solution_str)
+        answer = extract_answer(solution_str, format_rules.protocol)
     paragraph = False
     if not answer:
         match = ZERO
@@ -198,8 +209,9 @@ def _result(rules: _RuleScores, judge_score: float | None, judge_fallback: bool)
         answer_score = judge_value = judge_score
     elif judge_fallback:
         answer_score, judge_value = match.get(config.fallback_metric_for(is_ramp)), 0.0
-    else:  # no call was needed
-        skipped_exact = bool(answer) and match.em == 1.0 and config.judge_skip_exact
+    else:  # no call was needed: an exact match the judge need not see, or nothing to judge (no answer, gated out)
+        gate_open = format_ok or not config.format_gate
+        skipped_exact = gate_open and bool(answer) and match.em == 1.0 and config.judge_skip_exact
         answer_score = judge_value = 1.0 if skipped_exact else 0.0
     score, counted = combine(format_ok, answer_score, config)
     return {
@@ -232,7 +244,7 @@ async def compute_score(
     **kwargs: Any,
 ) -> dict[str, float]:
     """Reward of one response (async: the judge, when selected, is awaited on verl's reward loop)."""
-    rules = _rule_scores(data_source, solution_str, ground_truth, kwargs)
+    rules = _rule_scores(data_source, solution_str, ground_truth, extra_info, kwargs)
     config, metric = rules[0], rules[-1]
     item = _judge_item(rules, _question(extra_info)) if metric == "judge" else None
     if item is None:
@@ -253,7 +265,7 @@ def compute_score_sync(
     Judge calls run on one background event loop shared by all threads, so the judge's concurrency limit, cache
     and in-flight sharing hold across threads; the calling thread blocks until its verdict is in.
     """
-    rules = _rule_scores(data_source, solution_str, ground_truth, kwargs)
+    rules = _rule_scores(data_source, solution_str, ground_truth, extra_info, kwargs)
     config, metric = rules[0], rules[-1]
     item = _judge_item(rules, _question(extra_info)) if metric == "judge" else None
     if item is None:

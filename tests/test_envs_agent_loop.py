@@ -16,6 +16,7 @@ import json
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,13 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.utils.dataset.rl_dataset import RLHFDataset  # noqa: E402
 from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
-from envs.agent_loop import find_stop, parse_query, stop_sampling_params, tokens_through_stop  # noqa: E402
+from envs.agent_loop import (  # noqa: E402
+    engine_decodes_text,
+    find_stop,
+    parse_query,
+    stop_sampling_params,
+    tokens_through_stop,
+)
 from envs.prompts import (  # noqa: E402
     SEARCH_EMPTY_QUERY,
     SEARCH_LIMIT_REACHED,
@@ -345,7 +352,7 @@ async def test_bad_queries_get_an_error_text(base_config, tokenizer, lm, turn1, 
     assert tokenizer.decode(out.response_ids) == turn1 + information_block(expected) + "<answer> Kraimadon </answer>"
     fields = out.extra_fields
     assert (fields["search_count"], fields["search_calls"], fields["search_errors"]) == (1, 0, 1)
-    assert fields["finish_reason"] == "answer"
+    assert fields["search_limit_hits"] == 0 and fields["finish_reason"] == "answer"
 
 
 @pytest.mark.parametrize("where", ["down", "slow"])
@@ -391,7 +398,8 @@ async def test_search_limit(base_config, tokenizer, lm, last_turn, finish):
     fields = out.extra_fields
     assert fields["model_turns"] == 4 and fields["search_calls"] == 2
     assert fields["search_count"] == (3 if finish == "answer" else 4)
-    assert fields["search_errors"] == (1 if finish == "answer" else 2)
+    # searches past the limit are the policy's doing, not search errors
+    assert fields["search_limit_hits"] == (1 if finish == "answer" else 2) and fields["search_errors"] == 0
     assert fields["finish_reason"] == finish
     assert out.num_turns == 1 + 4 + 3
 
@@ -418,6 +426,32 @@ async def test_results_are_cut_to_what_is_left_of_the_response(base_config, toke
     assert "</information>" in info  # the block still closes: its text was shortened, not its tags
     assert out.response_mask.count(0) == out.extra_fields["info_tokens"]
     assert out.extra_fields["search_errors"] == 0
+
+
+@pytest.mark.parametrize("turn1", ["<search> Vyvutyr </search>", "<search>   </search>"], ids=["results", "error-text"])
+async def test_information_block_always_closes_near_the_budget_edge(base_config, tokenizer, lm, turn1):
+    """Whatever room is left after the search (results or an error text, tokens merging where text meets tag), the
+    block ends with its closing tag, or is left out when not even its tags fit; never a block cut mid-tag."""
+    from reward.format import FormatReason, check_format
+
+    empty_block = len(enc(tokenizer, information_block("")))
+    seen = set()
+    for room in range(1, empty_block + 30):
+        server = ScriptedServer(lm, tokenizer, {QUESTION: [turn1, "<answer> Kraimadon </answer>"]})
+        config = with_env(base_config, response_length=len(enc(tokenizer, turn1)) + room)
+        out = await rollout(config, server, tokenizer)
+        text = tokenizer.decode(out.response_ids)
+        info = text[len(turn1):]
+        assert out.response_mask.count(0) == out.extra_fields["info_tokens"] <= room
+        if room < empty_block:  # not even the tags fit: no block, the response is full
+            assert info == "" and out.extra_fields["finish_reason"] == "length"
+            continue
+        block, closing, policy = info.partition("\n</information>\n\n")
+        assert block.startswith("\n\n<information>\n") and closing, (room, info)
+        if not policy:  # the block filled the response: to the format check the search was answered, not cut
+            assert check_format(text).reason is not FormatReason.UNCLOSED_TAG
+        seen.add(block == "\n\n<information>\n")
+    assert seen == {True, False}  # both the emptied and the shortened block were hit
 
 
 async def test_agent_loop_worker_batch_and_reward_routing(base_config, tokenizer, lm, model_dir):
@@ -488,6 +522,26 @@ def test_stop_params_per_engine():
     assert stop_sampling_params("trtllm", True) == {"stop": STOP_STRINGS, "include_stop_str_in_output": True}
     assert stop_sampling_params("sglang", True) == {"stop": STOP_STRINGS, "no_stop_trim": True}
     assert stop_sampling_params("sglang", False) == {}  # no tokenizer in the engine: the loop cuts turns itself
+    # Under verl's default skip_tokenizer_init=true, vLLM and our hf backend still decode with their own tokenizer.
+    for engine in ("vllm", "hf"):
+        assert engine_decodes_text(engine, skip_tokenizer_init=True)
+        assert stop_sampling_params(engine, engine_decodes_text(engine, True)) == {
+            "stop": STOP_STRINGS, "include_stop_str_in_output": True}
+    assert not engine_decodes_text("sglang", skip_tokenizer_init=True)
+    assert engine_decodes_text("sglang", skip_tokenizer_init=False)
+
+
+async def test_hf_rollout_is_asked_to_stop_at_the_tags(base_config, tokenizer, lm):
+    """verl's default skip_tokenizer_init=true with our hf backend: the loop still sends stop strings."""
+    from omegaconf import open_dict
+
+    config = copy.deepcopy(base_config)
+    with open_dict(config):
+        config.actor_rollout_ref.rollout.name = "hf"
+    assert config.actor_rollout_ref.rollout.skip_tokenizer_init is True
+    server = ScriptedServer(lm, tokenizer, {QUESTION: ["<answer> Kraimadon </answer>"]})
+    await rollout(config, server, tokenizer)
+    assert server.calls[0]["params"]["stop"] == STOP_STRINGS
 
 
 FRAGMENTS = st.lists(st.sampled_from(["<search>", "</search>", "</answer>", "<answer>", " Vyvutyr", " river ", "\n",
@@ -528,3 +582,63 @@ def test_truncation_keeps_a_prefix_within_budget(tokenizer, text, budget):
         else:
             assert cut.endswith(TRUNCATION_MARKER) or budget <= len(enc(tokenizer, TRUNCATION_MARKER))
             assert len(enc(tokenizer, cut)) <= budget + 2  # + a merge or two at the seam
+
+
+# --------------------------------------------------------------------------------- the hermes variant, end to end
+# The tool-related part of Qwen2.5's chat template (system turn with the tools, <tool_call> in assistant turns, tool
+# messages as <tool_response> blocks in one user turn), on the tiny tokenizer's ChatML.
+QWEN25_TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{{ messages[0]['content'] }}\n\n# Tools\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and tools %}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{%- endif %}"
+    "\n<tool_response>\n{{ m.content }}\n</tool_response>"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant{%- if m.content %}\n{{ m.content }}"
+    "{%- endif %}{%- for tc in m.tool_calls %}\n<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
+    "{{ tc.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+async def test_hermes_tool_agent_response_passes_our_format_check(base_config, tokenizer, lm, model_dir, retrieval_url,
+                                                                  monkeypatch):
+    """verl's own tool_agent loop with our search tool (the shipped YAML): the response verl decodes for the reward
+    (skip_special_tokens, as its dapo manager does) is well formed for the hermes rules and scores its answer."""
+    from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
+    from verl.tools.tool_registry import initialize_tools_from_config
+
+    from envs.prompts import TOOL_AGENT_NAME
+    from reward.masksearch_reward import compute_score
+
+    hermes_tokenizer = copy.deepcopy(tokenizer)
+    hermes_tokenizer.chat_template = QWEN25_TOOL_TEMPLATE
+    monkeypatch.setenv("MASKSEARCH_RETRIEVAL_URL", retrieval_url)
+    monkeypatch.setenv("MASKSEARCH_POLICY_TOKENIZER", str(model_dir))  # what the hermes recipe exports
+    (tool,) = initialize_tools_from_config(str(Path(__file__).resolve().parents[1] / "envs/config/search_tool.yaml"))
+    tool.settings.max_info_tokens = MAX_INFO_TOKENS  # the policy's tokens: the results fit the response
+    config = copy.deepcopy(base_config)
+    with open_dict(config):
+        config.actor_rollout_ref.rollout.prompt_length = 1024  # the tools' schemas make the system turn long
+        config.actor_rollout_ref.rollout.multi_turn.merge_with(
+            {"enable": True, "format": "hermes", "max_assistant_turns": 5, "max_tool_response_length": 4096})
+    call = '<tool_call>\n{"name": "search", "arguments": {"query": "Vyvutyr"}}\n</tool_call><|im_end|>'
+    turns = ["I need the country.\n" + call, "<answer> Kraimadon </answer><|im_end|>"]
+    server = ScriptedServer(lm, hermes_tokenizer, {QUESTION: turns})
+    loop = hydra.utils.instantiate(
+        config=_agent_loop_registry[TOOL_AGENT_NAME], trainer_config=DictConfigWrap(config=config),
+        server_manager=server, tokenizer=hermes_tokenizer, processor=None, hf_model_type="qwen2",
+        dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), tools=ToolListWrap([tool]),
+    )
+    assert isinstance(loop, ToolAgentLoop)
+    prompt = qa_messages(QUESTION, tool_variant=True)
+    out = await loop.run({**SAMPLING, "max_tokens": RESPONSE_LENGTH}, raw_prompt=prompt, extra_info={}, index=0)
+    text = hermes_tokenizer.decode(out.response_ids, skip_special_tokens=True)
+    assert "<tool_response>\nDoc 1 (Title: Vyvutyr)" in text and text.endswith("<answer> Kraimadon </answer>")
+    result = await compute_score("synthetic", text, {"target": ["Kraimadon"]}, {"agent_name": TOOL_AGENT_NAME})
+    assert result["format"] == 1 and result["score"] == 1 and result["num_searches"] == 1, text
+    # the same text under the tag protocol's rules is untagged text: the reason the hermes rules exist
+    assert (await compute_score("synthetic", text, {"target": ["Kraimadon"]}))["format_code"] == 11

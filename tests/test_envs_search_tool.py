@@ -84,12 +84,48 @@ async def test_shipped_yaml_loads_with_verl_and_searches(retrieval_url, retrieve
     assert tool._instances == {}  # released
 
 
-async def test_results_are_cut_to_the_word_budget(retrieval_url, tmp_path):
+async def test_results_are_cut_to_the_word_budget(retrieval_url, tmp_path, monkeypatch):
+    monkeypatch.delenv("MASKSEARCH_POLICY_TOKENIZER", raising=False)
     tool = tool_from_yaml(tmp_path, backend={"url": retrieval_url}, topk=5, max_info_tokens=25)
+    assert tool.tokenizer is None
     response, _, metrics = await call(tool, {"query": "Vyvutyr capital"})
     assert response.text.startswith("Doc 1 (Title: ") and response.text.endswith(TRUNCATION_MARKER)
     assert len(response.text[: -len(TRUNCATION_MARKER)].split()) == 25
     assert metrics["num_hits"] == 5
+
+
+@pytest.fixture(scope="module")
+def policy_tokenizer_dir(tmp_path_factory, retriever) -> Path:
+    """A byte-level BPE tokenizer trained on a few texts (no downloads), standing in for the policy's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(["Doc 1 (Title: Vyvutyr) Vyvutyr lies at an elevation of 215 metres."] * 10, trainer)
+    path = tmp_path_factory.mktemp("policy_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+async def test_shipped_yaml_counts_the_policys_tokens(retrieval_url, policy_tokenizer_dir, monkeypatch):
+    """As in the tag loop, max_info_tokens counts the policy's tokens: the hermes recipe exports the policy's path
+    to every Ray worker as $MASKSEARCH_POLICY_TOKENIZER, which the shipped YAML reads."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MASKSEARCH_RETRIEVAL_URL", retrieval_url)
+    monkeypatch.setenv("MASKSEARCH_POLICY_TOKENIZER", str(policy_tokenizer_dir))
+    (tool,) = initialize_tools_from_config(str(TOOL_YAML))
+    assert tool.tokenizer is not None and tool.settings.max_info_tokens == 512
+    tool.settings.max_info_tokens = 30
+    response, _, _ = await call(tool, {"query": "Vyvutyr capital"})
+    tokenizer = AutoTokenizer.from_pretrained(policy_tokenizer_dir)
+    assert response.text.endswith(TRUNCATION_MARKER)
+    assert 30 - 2 <= len(tokenizer.encode(response.text, add_special_tokens=False)) <= 30 + 2
+    assert len(response.text.split()) < 30  # a word budget would have kept more text
 
 
 @pytest.mark.parametrize("arguments", [{"query": "  "}, {"query": ["a", "b"]}, {"q": "Vyvutyr"}])
@@ -119,6 +155,8 @@ def test_unknown_config_key_fails_at_load(tmp_path):
 def test_format_and_truncate_without_a_tokenizer():
     hits = [Hit("1", '"Alpha"\nFirst <information> line.', 1.0), Hit("2", "untitled text", 0.5)]
     assert format_hits(hits) == "Doc 1 (Title: Alpha) First line.\nDoc 2 untitled text"
+    # a passage quoting the hermes tags cannot close the tool response early either
+    assert format_hits([Hit("3", "a </tool_response> b <tool_call>", 1.0)]) == "Doc 1 a b"
     assert format_hits([]) == ""
     text = "one two\nthree four five"
     assert truncate_to_budget(text, 5) == text

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
@@ -33,12 +33,14 @@ LAUNCH = REPO / "recipes" / "launch"
 EXPECTED = {
     *(f"{stage}/qwen2.5-{size}_8gpu" for stage in ("ramp_dapo", "hotpotqa_dapo") for size in ("1.5b", "3b", "7b")),
     "quickstart/qwen2.5-0.5b_cpu",
+    "ramp_dapo/qwen2.5-1.5b_8gpu_hermes",
 }
 RECIPES = sorted(
     f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "curriculum"
 )
 TRAINING = [r for r in RECIPES if not r.startswith("quickstart/")]
 RAMP = [r for r in RECIPES if r.startswith(("ramp_dapo/", "quickstart/"))]
+HERMES = [r for r in RECIPES if r.endswith("_hermes")]  # verl's tool_agent loop + our search tool
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -238,7 +240,7 @@ def test_recipe_runs_our_agent_loop_and_search_settings(recipe, monkeypatch):
     monkeypatch.setenv("MASKSEARCH_RETRIEVAL_URL", "http://retriever.test:9000")
     cfg = compose(recipe)
     loop = cfg.actor_rollout_ref.rollout.agent.default_agent_loop
-    assert loop == "masksearch_agent" and loop in _agent_loop_registry
+    assert loop == ("tool_agent" if recipe in HERMES else "masksearch_agent") and loop in _agent_loop_registry
     env = SearchEnvConfig.from_trainer_config(cfg)  # the agent loop's own parser: unknown keys would fail here
     assert env.backend["type"] == "server" and env.backend["url"] == "http://retriever.test:9000"
     assert env.backend["timeout_s"] > 0 and env.backend["max_retries"] >= 1
@@ -276,6 +278,84 @@ def test_trainer_mode_and_agent_loop_registered_after_import_verl():
     assert _agent_loop_registry["masksearch_agent"]["_target_"] == "envs.agent_loop.MaskSearchAgentLoop"
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.startswith("hotpotqa_dapo/")])
+def test_judge_example_override_caches_in_the_run_directory(recipe):
+    """The headers' judge example composes, and gives the judge an on-disk cache under the run's directory."""
+    from reward.combine import RewardConfig
+
+    text = (CONFIGS / f"{recipe}.yaml").read_text()
+    command = []  # the example's command: its first line and every continuation ("\\" at the end) after it
+    for line in text[text.index("# Example override:") :].splitlines()[1:]:
+        line = line.lstrip("#").strip()
+        command.append(line.removesuffix("\\"))
+        if not line.endswith("\\"):
+            break
+    argv = shlex.split(" ".join(command))
+    overrides = argv[argv.index(recipe) + 1 :]
+    cfg = compose(recipe, *overrides)
+    judge = RewardConfig.from_kwargs(cfg.reward.custom_reward_function.reward_kwargs, env={}).judge
+    assert cfg.reward.custom_reward_function.reward_kwargs.qa_metric == "judge"
+    assert judge["cache_dir"] == f"{cfg.trainer.default_local_dir}/judge_cache"
+
+
+# ------------------------------------------------------------------------------------------------ hermes variant
+HERMES_KEYS = ("data.train_files", "data.val_files", "data.tool_config_path", "actor_rollout_ref.rollout.agent",
+               "actor_rollout_ref.rollout.multi_turn", "ray_kwargs.ray_init.runtime_env.env_vars",
+               "trainer.experiment_name")
+
+
+@pytest.mark.parametrize("recipe", HERMES)
+def test_hermes_recipe_is_its_base_recipe_plus_the_hermes_keys(recipe):
+    """Hydra does not let a recipe include another primary config, so the hermes recipe repeats its base's values;
+    they must not drift apart."""
+    base, variant = compose(recipe.removesuffix("_hermes"), resolve=False), compose(recipe, resolve=False)
+    for cfg in (base, variant):
+        for key in HERMES_KEYS:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent)
+            with open_dict(node):
+                node.pop(leaf, None)
+    assert OmegaConf.to_container(variant) == OmegaConf.to_container(base)
+
+
+@pytest.mark.parametrize("recipe", HERMES)
+def test_hermes_recipe_tool_budget_and_reward(recipe, tiny_model, monkeypatch):
+    """What the hermes recipe hands verl: the tool verl's AgentLoopWorker loads (counting the policy's tokens), a
+    tool-response limit above what the tool returns, and a reward that scores the tool_agent loop's responses."""
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+    from verl.tools.tool_registry import load_all_tools
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.utils.import_utils import resolve_config_path
+
+    from envs.search_tool import SearchTool
+
+    cfg = compose(recipe, f"actor_rollout_ref.model.path={tiny_model}")
+    multi_turn = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout.multi_turn)
+    assert multi_turn.enable and multi_turn.format == "hermes" and "tool_agent" in _agent_loop_registry
+    assert cfg.data.tool_config_path == multi_turn.tool_config_path
+    # Ray hands runtime_env.env_vars to every worker; the tool YAML reads the policy's tokenizer from there.
+    env_vars = cfg.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env_vars.MASKSEARCH_POLICY_TOKENIZER == str(tiny_model)
+    for name, value in env_vars.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)  # the launch directory, as the recipe's header says
+    (tool,) = load_all_tools(tool_config_path=resolve_config_path(multi_turn.tool_config_path), function_tool_path=None)
+    assert isinstance(tool, SearchTool) and tool.tokenizer is not None and tool.tokenizer.name_or_path == str(tiny_model)
+    # verl's character cut stays above the tool's own token cut (8 characters a token is far above English text's ~4)
+    assert multi_turn.max_tool_response_length >= 8 * tool.settings.max_info_tokens
+    assert multi_turn.max_assistant_turns == cfg.search_env.max_turns + 1  # the tag loop's search budget
+
+    reward = get_custom_reward_fn(cfg)
+    call = '<tool_call>\n{"name": "search", "arguments": {"query": "Eiffel Tower"}}\n</tool_call>'
+    response = (f"I will search.\n{call}\nuser\n<tool_response>\nDoc 1 (Title: Eiffel Tower) ...\n</tool_response>"
+                "\nassistant\n<answer> Paris | 1889 </answer>")
+    gold = {"target": ["Paris", "1889"], "masks": ["Paris", "1889"]}
+    result = _call(reward, data_source="ramp", solution_str=response, ground_truth=gold,
+                   extra_info={"agent_name": cfg.actor_rollout_ref.rollout.agent.default_agent_loop})
+    assert result["score"] == 1.0 and result["num_searches"] == 1
+
+
 # ------------------------------------------------------------------------------------------------- curriculum
 @pytest.mark.parametrize("recipe", RAMP)
 def test_ramp_recipes_order_prompts_by_mask_count(recipe):
@@ -286,7 +366,7 @@ def test_ramp_recipes_order_prompts_by_mask_count(recipe):
     cfg = compose(recipe)
     assert get_trainer_cls(cfg.trainer.v1.trainer_mode) is CurriculumPPOTrainer
     assert curriculum_config_from(cfg).mode == "staged"
-    assert cfg.data.train_files.endswith("ramp/train.parquet")
+    assert cfg.data.train_files.endswith("ramp_hermes/train.parquet" if recipe in HERMES else "ramp/train.parquet")
 
 
 @pytest.mark.parametrize("mode", ["mixed", "adaptive"])

@@ -6,6 +6,7 @@ Expected numbers are worked out by hand from the SQuAD v1.1 definitions (see the
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import string
 from collections import Counter
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from envs.prompts import answer_block, information_block
+from envs.prompts import SEARCH_LIMIT_REACHED, TAG_AGENT_NAME, TOOL_AGENT_NAME, answer_block, information_block
 from reward.answer_match import (
     MatchScores,
     cover_exact_match,
@@ -148,6 +149,128 @@ def test_extract_answer():
     assert extract_answer("<answer> a </answer> <answer> b </answer>") == "b"
     assert extract_answer("<answer> unfinished") is None
     assert extract_answer("no tags") is None
+
+
+def test_extract_answer_skips_the_environments_text():
+    quoting = search("q", docs="a page quoting <answer> Paris </answer>")
+    assert extract_answer(quoting + "<think> unsure") is None
+    assert extract_answer(THINK + "<answer> mine </answer> " + quoting) == "mine"  # not the quoted one after it
+    assert extract_answer(search("q") + "<answer> after </answer>") == "after"
+    # an unclosed block (a cut response) is the environment's text to the end
+    assert extract_answer("<search> q </search>\n<information> <answer> x </answer> and more") is None
+    # hermes: tool responses are the environment's
+    tool_turn = "<tool_response>\nquotes <answer> Paris </answer>\n</tool_response>"
+    assert extract_answer(tool_turn, "hermes") is None
+    assert extract_answer("<answer> a </answer>" + tool_turn, "hermes") == "a"
+
+
+@pytest.mark.parametrize("notice", [SEARCH_LIMIT_REACHED.format(limit=2),
+                                    # the notice as it once read, with a complete answer block in it
+                                    "Search limit reached. Give your final answer now inside <answer> and </answer>."])
+def test_rollout_cut_after_the_limit_notice_does_not_score_the_notice(notice):
+    response = search("Eiffel designer") + search("Eiffel year") + f"<search> more </search>{information_block(notice)}"
+    response += "<think> I should answer now, but"  # the response budget ends here
+    assert extract_answer(response) is None
+    # a gold the notice's words would match ("and"), scored even without the format gate
+    result = compute_score_sync("nq", response, "and", format_gate=False)
+    assert result["format_code"] == R.UNCLOSED_TAG and result["em"] == result["f1"] == result["score"] == 0
+    assert "<answer>" not in SEARCH_LIMIT_REACHED and "</answer>" not in SEARCH_LIMIT_REACHED
+
+
+# ------------------------------------------------------------------------------------------------ hermes variant
+HERMES = FormatRules(protocol="hermes")
+
+
+def tool_call(query: str) -> str:
+    """A tool call as Qwen2.5's chat template writes it (what the policy generates)."""
+    return "<tool_call>\n" + json.dumps({"name": "search", "arguments": {"query": query}}) + "\n</tool_call>"
+
+
+def tool_turn(*docs: str) -> str:
+    """The tool turn verl appends (Qwen2.5's template), decoded with skip_special_tokens: role headers stay."""
+    responses = "".join(f"\n<tool_response>\n{d}\n</tool_response>" for d in docs)
+    return f"\nuser{responses}\nassistant\n"
+
+
+DOCS = "Doc 1 (Title: Eiffel Tower) The tower opened in 1889."
+HERMES_GOOD = (
+    "I need the designer first.\n" + tool_call("Eiffel Tower designer") + tool_turn(DOCS)
+    + "Now the year.\n" + tool_call("Eiffel Tower opening year") + tool_turn(DOCS)
+    + answer_block("Gustave Eiffel | 1889") + "<|im_end|>"
+)  # fmt: skip
+
+HERMES_WELL_FORMED = [
+    HERMES_GOOD,
+    answer_block("Gustave Eiffel | 1889"),
+    THINK + tool_call("q") + tool_turn(DOCS) + THINK + answer_block("Gustave Eiffel | 1889"),
+    # parallel calls, each answered; or fewer answers (verl answers max_parallel_calls of them)
+    tool_call("a") + tool_call("b") + tool_turn(DOCS, DOCS) + answer_block("Gustave Eiffel | 1889"),
+    tool_call("a") + tool_call("b") + tool_turn(DOCS) + answer_block("Gustave Eiffel | 1889"),
+    # tool responses are opaque
+    tool_call("q") + tool_turn("quotes <answer> x </answer>, <tool_call> and </think>") + answer_block("a | b"),
+    # decoded with special tokens
+    tool_call("q") + "<|im_end|>\n<|im_start|>user\n<tool_response>\nx\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n" + answer_block("a | b") + "<|im_end|>",
+]
+
+HERMES_MALFORMED = [
+    (tool_call("q") + answer_block("a | b"), R.SEARCH_WITHOUT_INFORMATION),
+    (tool_call("q") + THINK + tool_turn(DOCS) + answer_block("a | b"), R.SEARCH_WITHOUT_INFORMATION),
+    (tool_turn(DOCS) + answer_block("a | b"), R.INFORMATION_WITHOUT_SEARCH),
+    (tool_call("q") + tool_turn(DOCS, DOCS) + answer_block("a | b"), R.INFORMATION_WITHOUT_SEARCH),
+    (tool_call("q") + tool_turn(DOCS) + THINK + tool_turn(DOCS) + answer_block("a | b"), R.INFORMATION_WITHOUT_SEARCH),
+    ("<tool_call> search(Eiffel) </tool_call>" + tool_turn(DOCS) + answer_block("a | b"), R.BAD_TOOL_CALL),
+    ('<tool_call>{"query": "q"}</tool_call>' + tool_turn(DOCS) + answer_block("a | b"), R.BAD_TOOL_CALL),
+    ("<tool_call>  </tool_call>" + tool_turn(DOCS) + answer_block("a | b"), R.EMPTY_SEARCH),
+    (tool_call("q") + "\nuser\n<tool_response>\n cut", R.UNCLOSED_TAG),
+    (tool_call("q") + tool_turn(DOCS) + "<answer> a | b", R.UNCLOSED_TAG),
+    ("<tool_call> <answer> a | b </answer> </tool_call>", R.NESTED_TAG),
+    ("</tool_call>" + answer_block("a | b"), R.UNEXPECTED_CLOSE),
+    (tool_call("q") + tool_turn(DOCS) + "I am not sure.", R.NO_ANSWER),
+    (answer_block("a | b") + " Hope this helps!", R.TEXT_AFTER_ANSWER),
+    (answer_block("a | b") + tool_call("q"), R.TEXT_AFTER_ANSWER),
+    (answer_block("a | b") + answer_block("c | d"), R.MULTIPLE_ANSWERS),
+    (tool_call("q") + tool_turn(DOCS) + answer_block("one"), R.SPAN_COUNT_MISMATCH),
+]
+
+
+@pytest.mark.parametrize("response", HERMES_WELL_FORMED)
+def test_hermes_well_formed_responses(response):
+    result = check_format(response, num_masks=2, rules=HERMES)
+    assert result.ok and result.reason is R.OK, result
+    assert check_format(HERMES_GOOD, num_masks=2, rules=HERMES).num_searches == 2
+
+
+@pytest.mark.parametrize(("response", "reason"), HERMES_MALFORMED)
+def test_hermes_malformed_responses(response, reason):
+    result = check_format(response, num_masks=2, rules=HERMES)
+    assert not result.ok and result.reason is reason, result
+
+
+def test_hermes_rules_are_configurable():
+    assert check_format(HERMES_GOOD, num_masks=2, rules=FormatRules(protocol="hermes", require_think=True)).reason \
+        is R.MISSING_THINK
+    with pytest.raises(ValueError, match="format.protocol"):
+        FormatRules(protocol="xml")
+
+
+def test_the_row_agent_name_picks_the_protocol():
+    """A hermes response scored 0 (untagged text) under the tag rules: the bug. The row's loop decides."""
+    assert compute_score_sync("ramp", HERMES_GOOD, RAMP_GT)["format_code"] == R.UNTAGGED_TEXT
+    hermes_row = compute_score_sync("ramp", HERMES_GOOD, RAMP_GT, {"agent_name": TOOL_AGENT_NAME})
+    assert hermes_row["score"] == 1 and hermes_row["num_searches"] == 2
+    assert compute_score_sync("ramp", HERMES_GOOD, RAMP_GT, format={"protocol": "hermes"})["score"] == 1
+    # the row's agent wins over the configured default, both ways
+    tag_row = compute_score_sync("ramp", HERMES_GOOD, RAMP_GT, {"agent_name": TAG_AGENT_NAME},
+                                 format={"protocol": "hermes"})
+    assert tag_row["score"] == 0
+    assert compute_score_sync("ramp", GOOD, RAMP_GT, {"agent_name": TAG_AGENT_NAME})["score"] == 1
+    # unknown agents (and odd values) follow the config
+    assert compute_score_sync("ramp", GOOD, RAMP_GT, {"agent_name": "my_loop"})["score"] == 1
+    assert compute_score_sync("ramp", GOOD, RAMP_GT, {"agent_name": ["tool_agent"]})["score"] == 1
+    # a hermes response cut by the budget does not score text the tool returned
+    cut = tool_call("q") + "\nuser\n<tool_response>\nGustave Eiffel | 1889 <answer> Gustave Eiffel | 1889 </answer>"
+    assert compute_score_sync("ramp", cut, RAMP_GT, {"agent_name": TOOL_AGENT_NAME}, format_gate=False)["recall"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ answer match
@@ -421,7 +544,10 @@ async def test_async_entry_matches_sync():
 # -------------------------------------------------------------------------------------- property tests (hypothesis)
 
 TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>"]
-PIECES = [*TAGS, " ", "\n", "Paris", "1889", " | ", "|", "the", "<|im_end|>", "<|endoftext|>", "</s>", "<", ">", "x"]
+HERMES_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+CALL_JSON = '{"name": "search", "arguments": {"query": "x"}}'
+PIECES = [*TAGS, " ", "\n", "Paris", "1889", " | ", "|", "the", "<|im_end|>", "<|endoftext|>", "</s>", "<", ">", "x",
+          *HERMES_TAGS, CALL_JSON, "user", "assistant"]
 CONFIGS = [
     {},
     {"ramp_metric": "em", "qa_metric": "f1"},
@@ -429,7 +555,11 @@ CONFIGS = [
     {"format_gate": False, "answer_weight": 2.0, "format_penalty": -0.3},
     {"format_weight": 0.5, "max_score": 1.0, "min_score": -0.2, "format_penalty": -1.0},
     {"ramp_metric": "cover_em", "format": {"allow_untagged_text": True, "require_think": True}},
+    {"format_weight": 0.2, "format_penalty": -0.5, "format": {"protocol": "hermes"}},
+    {"format_gate": False, "format": {"protocol": "hermes", "require_think": True}},
 ]
+# What a row may say about the loop that wrote it (compute_score's extra_info).
+EXTRA_INFOS = [None, {"agent_name": TOOL_AGENT_NAME}, {"agent_name": TAG_AGENT_NAME, "index": 3}]
 GROUND_TRUTHS = [
     ("ramp", RAMP_GT),
     ("ramp", {"target": ["Paris"], "masks": ["Paris"]}),
@@ -442,16 +572,20 @@ GROUND_TRUTHS = [
 _BOUNDS = [RewardConfig.from_kwargs(kwargs, env={}).bounds() for kwargs in CONFIGS]
 
 
-def _check(response: str, config_index: int, gt_index: int) -> None:
+def _check(response: str, config_index: int, gt_index: int, extra_index: int = 0) -> None:
     data_source, ground_truth = GROUND_TRUTHS[gt_index]
-    result = compute_score_sync(data_source, response, ground_truth, **CONFIGS[config_index])
+    extra_info = EXTRA_INFOS[extra_index]
+    result = compute_score_sync(data_source, response, ground_truth, extra_info, **CONFIGS[config_index])
     low, high = _BOUNDS[config_index]
     assert tuple(result) == RESULT_KEYS
     assert low - 1e-9 <= result["score"] <= high + 1e-9
     for key in ("acc", "format", "em", "f1", "recall", "cover_em", "judge", "judge_fallback"):
         assert 0.0 <= result[key] <= 1.0
     if result["format"] == 1:
-        assert extract_answer(response)
+        protocol = {TOOL_AGENT_NAME: "hermes", TAG_AGENT_NAME: "tags"}.get(
+            (extra_info or {}).get("agent_name"), CONFIGS[config_index].get("format", {}).get("protocol", "tags")
+        )
+        assert extract_answer(response, protocol)
 
 
 # Strings are one primitive draw for Hypothesis (cheap to generate and to shrink): each character of a drawn code
@@ -460,12 +594,13 @@ _CODES = "".join(chr(ord("A") + i) for i in range(len(PIECES)))
 _PIECE_OF = dict(zip(_CODES, PIECES, strict=True))
 tag_strings = st.text(alphabet=_CODES, max_size=40).map(lambda codes: "".join(_PIECE_OF[c] for c in codes))
 indices = (st.integers(0, len(CONFIGS) - 1), st.integers(0, len(GROUND_TRUTHS) - 1))
+extra_indices = st.integers(0, len(EXTRA_INFOS) - 1)
 
 
 @settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tag_strings, *indices)
-def test_random_tag_strings_never_raise_and_stay_in_bounds(response, config_index, gt_index):
-    _check(response, config_index, gt_index)
+@given(tag_strings, *indices, extra_indices)
+def test_random_tag_strings_never_raise_and_stay_in_bounds(response, config_index, gt_index, extra_index):
+    _check(response, config_index, gt_index, extra_index)
 
 
 ANSWERS = ["Gustave Eiffel | 1889", "Paris", "a | b | c", "", "Paris | 1889"]
@@ -496,6 +631,56 @@ def mutated_trajectories(draw):
 @given(mutated_trajectories(), *indices)
 def test_mutated_trajectories_never_raise_and_stay_in_bounds(response, config_index, gt_index):
     _check(response, config_index, gt_index)
+
+
+@st.composite
+def mutated_hermes_trajectories(draw):
+    """A valid hermes trajectory (calls, tool turns, thinks), then up to three edits: drop, duplicate or insert."""
+    text = ""
+    for kind in draw(st.text(alphabet="tcp", max_size=4)):
+        if kind == "t":
+            text += THINK
+        elif kind == "c":
+            text += tool_call("Eiffel") + tool_turn(DOCS)
+        else:
+            text += tool_call("a") + tool_call("b") + tool_turn(*[DOCS] * draw(st.integers(1, 2)))
+    text += answer_block(draw(st.sampled_from(ANSWERS))) + draw(st.sampled_from(TAILS))
+    for op in draw(st.text(alphabet="ddi", max_size=3)):
+        at = draw(st.integers(0, 10**6))
+        tags = list(re.finditer("|".join(map(re.escape, TAGS + HERMES_TAGS)), text))
+        if op == "i" or not tags:
+            at %= len(text) + 1
+            inserts = [*INSERTS, *HERMES_TAGS, CALL_JSON]
+            text = text[:at] + inserts[draw(st.integers(0, len(inserts) - 1))] + text[at:]
+        else:
+            m = tags[at % len(tags)]
+            text = text[: m.start()] + (m.group() * 2 if draw(st.booleans()) else "") + text[m.end() :]
+    return text
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_hermes_trajectories(), *indices, extra_indices)
+def test_mutated_hermes_trajectories_never_raise_and_stay_in_bounds(response, config_index, gt_index, extra_index):
+    _check(response, config_index, gt_index, extra_index)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="tcp", max_size=5),
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_characters="<>|"), min_size=1, max_size=12), min_size=1, max_size=4
+    ),
+    st.text(alphabet=st.characters(blacklist_characters="<>"), max_size=20),
+)
+def test_generated_valid_hermes_trajectories_pass(kinds, spans, reasoning):
+    spans = [s.strip() or "x" for s in spans]
+    blocks = {"t": THINK, "c": reasoning + tool_call(reasoning) + tool_turn(DOCS),
+              "p": tool_call("a") + tool_call("b") + tool_turn(DOCS, reasoning)}
+    response = "".join(blocks[kind] for kind in kinds) + reasoning + answer_block(" | ".join(spans)) + "<|im_end|>"
+    result = check_format(response, num_masks=len(spans), rules=HERMES)
+    assert result.ok, (result, response)
+    assert result.num_searches == kinds.count("c") + 2 * kinds.count("p")
+    assert compute_score_sync("ramp", response, {"masks": spans}, {"agent_name": TOOL_AGENT_NAME})["format"] == 1
 
 
 @settings(max_examples=1000, deadline=None)
@@ -755,7 +940,7 @@ def _expected_result(data_source: str, response: str, ground_truth, kwargs: dict
     target = parse_ground_truth(data_source, ground_truth)
     rules = config.format
     fmt = check_format(response, num_masks=len(target.blanks) if target.is_ramp else None, rules=rules)
-    answer = fmt.answer if fmt.answer is not None else extract_answer(response)
+    answer = fmt.answer if fmt.answer is not None else extract_answer(response, rules.protocol)
     if not answer:
         match = MatchScores()
     elif target.is_ramp:

@@ -2,7 +2,8 @@
 
 The fake server's behaviour is chosen by the request's ``model`` name, so every test picks its judge by config:
 ``yes`` / ``no`` / ``alternate`` verdicts, ``fenced`` (verdict inside a code fence and prose), ``garbage`` (no JSON),
-``error`` (HTTP 500), ``slow`` (answers after the client's timeout), ``wait`` (0.3 s delay, for the concurrency check).
+``error`` (HTTP 500), ``slow`` (answers after the client's timeout), ``wait`` (0.3 s delay, for the concurrency check),
+``picky`` (garbage for answers that mention 1890, a verdict for the rest).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class FakeJudgeServer:
                 return JSONResponse({"error": {"message": "boom"}}, status_code=500)
         finally:
             self.in_flight[model] -= 1
-        if model.startswith("yes") or model in ("slow", "wait"):
+        if model == "picky" and "1890" in prompt:
+            content = "Hmm, hard to say."
+        elif model.startswith("yes") or model in ("slow", "wait", "picky"):
             content = json.dumps({"correct": [True] * blanks})
         elif model == "no":
             content = json.dumps({"correct": [False] * blanks})
@@ -189,6 +192,19 @@ async def test_no_call_when_not_needed(server):
     assert server.calls["no"] == before
 
 
+async def test_gated_out_exact_answer_reports_no_judge_credit(server):
+    """An exact answer in a malformed response: no call, and judge=0 like score and acc (the gate closed)."""
+    kwargs = judge_kwargs(server, "no")
+    before = server.calls["no"]
+    result = await compute_score("ramp", "<answer> Gustave Eiffel | 1889 </answer> trailing", RAMP_GT, **kwargs)
+    assert result["format"] == 0 and result["em"] == 1
+    assert result["judge"] == 0 and result["score"] == 0 and result["acc"] == 0 and result["judge_fallback"] == 0
+    ungated = await compute_score("ramp", "<answer> Gustave Eiffel | 1889 </answer> trailing", RAMP_GT,
+                                  format_gate=False, **kwargs)
+    assert ungated["judge"] == 1 and ungated["acc"] == 1  # without the gate the exact match counts, still no call
+    assert server.calls["no"] == before
+
+
 async def test_question_from_extra_info_reaches_the_prompt(server):
     await compute_score(
         "nq", "<answer> NYC </answer>", "New York", {"question": "Largest US city?"}, **judge_kwargs(server, "yes")
@@ -209,6 +225,28 @@ async def test_cache_hit_makes_no_second_call(server, tmp_path):
     # a different answer is a different item
     await compute_score("ramp", NEAR_MISS.replace("1889", "1890"), RAMP_GT, **kwargs)
     assert server.calls["yes-cached"] == 2
+
+
+async def test_cache_keeps_only_replies_that_parse(server, tmp_path):
+    """A garbage reply is a failed call, not the item's verdict: a second run asks again for that item only."""
+    from masksearch_rl.llm import LLMClient
+
+    kwargs = judge_kwargs(server, "picky", cache_dir=str(tmp_path / "judge_cache"))
+    good, garbage = NEAR_MISS, NEAR_MISS.replace("1889", "1890")
+    for run in (1, 2):
+        judge_module._JUDGES.clear()  # a fresh process each time: only the disk cache carries over
+        assert (await compute_score("ramp", good, RAMP_GT, **kwargs))["judge_fallback"] == 0
+        assert (await compute_score("ramp", garbage, RAMP_GT, **kwargs))["judge_fallback"] == 1
+        assert server.calls["picky"] == 1 + run  # the good item once in all, the garbage one on every run
+
+    # A garbage reply cached by a client that does not check replies (as every cache did before) is not replayed.
+    item = JudgeItem(golds=(("Paris",),), answer="Paris in 1890")
+    plain = LLMClient(resolve_llm_config(kwargs["judge"]))
+    await plain.chat(build_judge_messages(item))
+    await plain.aclose()
+    judge_module._JUDGES.clear()
+    verdict = await get_judge(resolve_llm_config(kwargs["judge"])).grade(item)
+    assert verdict.score is None and server.calls["picky"] == 5  # asked again, still garbage
 
 
 async def test_identical_items_in_flight_share_one_call(server):

@@ -6,7 +6,8 @@ config, exactly as the trainer's reward workers do, and scores batches shaped li
 - the overlong shaping is verl's ``dapo`` manager's, value for value on the same inputs (penalty or not, logged or not);
 - the agent loop's fields reach ``compute_score`` (sync and async), where verl's ``dapo`` drops them;
 - rollouts sharing one ``extra_info`` dict, scored concurrently, each see their own fields, and the row is untouched;
-- the rollout counts are in every sample's ``reward_extra_info``; the recipes select the manager.
+- the rollout counts are in every sample's ``reward_extra_info``; the recipes select the manager;
+- the row's ``agent_name`` reaches ``compute_score``, so hermes tool-call rollouts are checked by their own rules.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def _rollouts(tokenizer, rows: list[dict]):
         "extra_info": extra_infos,
         "__num_turns__": np.array([row.get("turns", 3) for row in rows]),
     }
+    if any("agent_name" in row for row in rows):  # verl sends it as np.array([name] * n): numpy strings
+        non_tensors["agent_name"] = np.array([row.get("agent_name", "masksearch_agent") for row in rows])
     if any(row.get("fields") is not None for row in rows):
         non_tensors["tool_extra_fields"] = tool_fields
     data = DataProto.from_dict(
@@ -148,7 +151,8 @@ def _fields(searches: int, errors: int = 0) -> dict:
             "search_errors": errors, "finish_reason": "answer", "turn_scores": [], "tool_rewards": []}
 
 
-ROLLOUT_KEYS = {"rollout_turns", "rollout_searches", "rollout_search_calls", "rollout_search_errors"}
+ROLLOUT_KEYS = {"rollout_turns", "rollout_searches", "rollout_search_calls", "rollout_search_errors",
+                "rollout_search_limit_hits"}
 
 
 # ------------------------------------------------------------------------------------------------- registration
@@ -278,3 +282,21 @@ async def test_rollout_counts_are_in_every_sample(tokenizer_dir):
     # our real reward scored the text: num_searches is read from the response, the rollout's count from the loop
     assert [info["num_searches"] for info in infos] == [1, 0, 1]
     assert [o["reward_score"] for o in outputs] == pytest.approx([1.0, 0.75, 1.0])
+
+
+async def test_agent_name_picks_the_format_rules(tokenizer_dir):
+    """The same hermes response (verl's tool_agent loop, decoded without special tokens) is well formed for a
+    tool_agent row and untagged text for a tag-loop row: the row's agent_name, not the config, decides."""
+    call = '<tool_call>\n{"name": "search", "arguments": {"query": "Eiffel Tower designer"}}\n</tool_call>'
+    hermes = (
+        "I need the designer.\n" + call + "\nuser\n<tool_response>\nDoc 1 (Title: Eiffel Tower) opened in 1889."
+        "\n</tool_response>\nassistant\n" + answer_block(["Gustave Eiffel", "1889"]) + "<|im_end|>"
+    )
+    rows = [
+        {"response": hermes, "fields": None, "agent_name": "tool_agent"},
+        {"response": hermes, "fields": None, "agent_name": "masksearch_agent"},
+    ]
+    ours = _worker("masksearch", tokenizer_dir)
+    tool_row, tag_row = await ours.compute_score_batch(_rollouts(ours.input_tokenizer, rows)[0])
+    assert tool_row["reward_score"] == 1.0 and tool_row["reward_extra_info"]["num_searches"] == 1
+    assert tag_row["reward_score"] == 0.0 and tag_row["reward_extra_info"]["format_code"] == 11  # untagged text

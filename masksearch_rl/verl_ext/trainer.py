@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 TRAINER_MODE = "masksearch_sync"
 
 # Numeric extra fields of our agent loop (envs/agent_loop.py) worth a per-step mean.
-ENV_FIELDS = ("search_count", "search_calls", "search_errors", "search_latency_s", "info_tokens", "model_turns",
-              "env_turns", "response_truncated")
+ENV_FIELDS = ("search_count", "search_calls", "search_errors", "search_limit_hits", "search_latency_s", "info_tokens",
+              "model_turns", "env_turns", "response_truncated")
 
 
 def episode_metrics(extra_fields: Iterable[Mapping[str, Any] | None]) -> dict[str, float]:
