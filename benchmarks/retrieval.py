@@ -7,9 +7,12 @@ and, as an ablation, that same per-query loop over our retriever. A closed-loop 
 concurrent clients (each sends one single-query request, waits for the answer, sends the next — as agents in an RL
 rollout do) measures throughput and p50/p99 latency at each C, and the script prints our/baseline ratios.
 
-Our server runs ``--workers`` processes on one port. With 4 or more cores the load generator (several processes,
-keep-alive connections, request bodies encoded once) and the servers are pinned to disjoint cores, printed at the
-start; on fewer they share the cores, and the figures then measure the two competing for them as well.
+Our server runs ``--workers`` processes on one port. The load generator is ``wrk`` when it is installed
+(``apt-get install wrk``: a C client whose CPU cost per request is a small fraction of the server's, so on a 2-core
+machine the figures measure the server, not the client; closed loop, one connection per client, driven by
+benchmarks/wrk_retrieve.lua), else a Python one (aiohttp, several processes, keep-alive, bodies encoded once), which
+costs about as much CPU per request as the server. With 4 or more cores the load generator and the servers are
+pinned to disjoint cores, printed at the start; on fewer they share the cores.
 
     python benchmarks/retrieval.py --passages 100000 1000000      # the figures in docs/benchmarks.md
     python benchmarks/retrieval.py --quick                         # 20k passages, a smoke run
@@ -23,8 +26,11 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,19 +201,69 @@ def closed_loop(url: str, queries: list[str], clients: int, requests: int, topk:
     }
 
 
+WRK_SCRIPT = ROOT / "benchmarks" / "wrk_retrieve.lua"
+
+
+def closed_loop_wrk(url: str, queries: list[str], clients: int, duration_s: float, topk: int,
+                    cpus: set[int] | None = None, threads: int = 1) -> dict:
+    """``clients`` closed-loop connections from ``wrk`` for ``duration_s`` seconds (same fields as
+    :func:`closed_loop`); ``client_cpu`` is wrk's own CPU time per second of wall time, per thread."""
+    threads = max(1, min(threads, clients))
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = Path(tmp) / "bodies.jsonl"
+        bodies.write_text("".join(json.dumps({"queries": [q], "topk": topk, "return_scores": True}) + "\n"
+                                  for q in queries))
+        command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{max(1, round(duration_s))}s", "--timeout", "30s",
+                   "-s", str(WRK_SCRIPT), url, "--", str(bodies)]
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the servers are not reaped meanwhile: wrk's alone
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+        out, err = child.communicate(timeout=duration_s + 120)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if child.returncode != 0:
+        raise RuntimeError(f"wrk failed ({child.returncode}): {err.strip()[-500:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    wall = result["duration_us"] / 1e6
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "clients": clients,
+        "requests": result["requests"],
+        "errors": result["socket_errors"] + result["status_errors"],
+        "qps": round(result["requests"] / wall, 1),
+        "p50_ms": round(result["p50_us"] / 1000, 2),
+        "p99_ms": round(result["p99_us"] / 1000, 2),
+        "load_processes": threads,
+        "client_cpu": round(cpu / wall / threads, 2),
+        "load_generator": "wrk",
+    }
+
+
 def measure(server: ServerProcess, queries: list[str], concurrency: list[int], requests: int, topk: int,
-            time_limit_s: float, cpus: set[int] | None, processes: int) -> list[dict]:
+            time_limit_s: float, cpus: set[int] | None, processes: int, generator: str = "python",
+            duration_s: float = 10.0) -> list[dict]:
+    if generator == "wrk":
+        closed_loop_wrk(server.url, queries[::-1], 16, 3, topk, cpus, processes)  # warm-up
+        rows = []
+        for clients in concurrency:
+            row = closed_loop_wrk(server.url, queries, clients, duration_s, topk, cpus, processes)
+            _print_row(server.name, row)
+            rows.append(row)
+        return rows
     # Warm-up: JIT kernels, page cache of the memory-mapped index, every worker's first requests.
     closed_loop(server.url, queries[::-1], 16, min(400, requests), topk, 60, cpus, processes)
     rows = []
     for clients in concurrency:
         row = closed_loop(server.url, queries, clients, max(requests, 20 * clients), topk, time_limit_s, cpus,
                           processes)
-        print(f"  {server.name:9s} C={clients:3d}  {row['qps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-              f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  (load gen: {row['load_processes']} proc, "
-              f"{row['client_cpu']:.2f} core each)", flush=True)
+        _print_row(server.name, row)
         rows.append(row)
     return rows
+
+
+def _print_row(name: str, row: dict) -> None:
+    print(f"  {name:9s} C={row['clients']:3d}  {row['qps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+          f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  (load gen {row.get('load_generator', 'python')}: "
+          f"{row['load_processes']} proc/thread, {row['client_cpu']:.2f} core each)", flush=True)
 
 
 def _cores(cpus: set[int] | None) -> str:
@@ -240,7 +296,14 @@ def main() -> None:
                         help="load-generator processes (default: one per load-generator core)")
     parser.add_argument("--baseline-time-limit", type=float, default=None, help="seconds per baseline level at most")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="measure our server only")
+    parser.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto",
+                        help="auto: wrk when installed (apt-get install wrk), else the Python client")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level with wrk")
     args = parser.parse_args()
+    if args.load_generator == "auto":
+        args.load_generator = "wrk" if shutil.which("wrk") else "python"
+    elif args.load_generator == "wrk" and not shutil.which("wrk"):
+        parser.error("--load-generator wrk: wrk is not installed (apt-get install wrk)")
     if args.quick:
         args.passages, args.requests, args.baseline_requests = [20_000], 1000, 300
 
@@ -252,8 +315,8 @@ def main() -> None:
     processes = args.load_processes or max(1, len(client_cpus or os.sched_getaffinity(0)))
     print(f"machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}); "
           f"python {sys.version.split()[0]}")
-    print(f"server: {_cores(server_cpus)}, {workers} worker(s); load generator: {_cores(client_cpus)}, "
-          f"up to {processes} process(es)")
+    print(f"server: {_cores(server_cpus)}, {workers} worker(s); load generator ({args.load_generator}): "
+          f"{_cores(client_cpus)}, up to {processes} process(es)/thread(s)")
     results = []
     for passages in args.passages:
         print(f"\n== {passages:,} passages")
@@ -263,7 +326,8 @@ def main() -> None:
         ours_cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", built["index"],
                     "--workers", str(workers)]
         base_cmd = [sys.executable, str(ROOT / "benchmarks" / "searchr1_baseline.py"), "--index", built["index"]]
-        load = {"cpus": client_cpus, "processes": processes}
+        load = {"cpus": client_cpus, "processes": processes, "generator": args.load_generator,
+                "duration_s": args.duration}
         logs = {name: open(args.work_dir / f"server-{name}-{passages}.log", "w")  # why a server failed to start
                 for name in ("ours", "baseline", "loop")}
         with ServerProcess(ours_cmd, "ours", cwd=ROOT, cpus=server_cpus, log=logs["ours"]) as server:
@@ -291,7 +355,7 @@ def main() -> None:
             handle.close()
         results.append({"build": built, "ours": ours, "baseline": base, "loop_with_our_retriever": ablation,
                         "server_cpus": sorted(server_cpus or []), "client_cpus": sorted(client_cpus or []),
-                        "workers": workers})
+                        "workers": workers, "load_generator": args.load_generator})
         if args.out:  # after each size: a run cut short keeps what it measured
             args.out.write_text(json.dumps(results, indent=2))
 

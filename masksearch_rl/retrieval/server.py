@@ -227,10 +227,25 @@ def create_app(retriever: Retriever, config: ServerConfig | None = None) -> Fast
     return app
 
 
+def freeze_loaded_objects() -> None:
+    """Exclude everything allocated so far (the loaded index) from the garbage collector's scans.
+
+    Why: a loaded index holds many long-lived Python objects (its vocabulary: ~120k objects at 100k passages, more
+    at 1M). Every full collection walks them all while the event loop waits (~50 ms at 100k passages), and under
+    load full collections come every few seconds: at 64 clients on 2 cores they stretched p99 latency from ~20 ms
+    to 90-230 ms. Objects made later are collected as usual.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def run_server(retriever: Retriever, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM drain the batcher before exiting)."""
     import uvicorn
 
+    freeze_loaded_objects()
     uvicorn.run(create_app(retriever, config), host=host, port=port, log_level="info", access_log=False)
 
 
@@ -290,6 +305,7 @@ def _worker_main(index_dir: str, config: ServerConfig, host: str, port: int, thr
         retriever.search(["warm up"], 1)  # compile kernels, touch the index pages before taking connections
         app = create_app(retriever, config)
         sock = _reuseport_socket(host, port)
+        freeze_loaded_objects()
     except BaseException as err:
         ready.put((number, os.getpid(), f"{type(err).__name__}: {err}"))
         raise
