@@ -65,6 +65,12 @@ FINISH_LENGTH = "length"  # a turn hit max_new_tokens, or the episode hit max_po
 FINISH_POLICY_ERROR = "policy_error"  # the policy endpoint failed after its retries
 FINISHES = (FINISH_ANSWER, FINISH_SEARCH_LIMIT, FINISH_NO_TAG, FINISH_LENGTH, FINISH_POLICY_ERROR)
 
+# Turn.search_error values for searches past the limit: the policy's move, not a failure of the search (counted in
+# Episode.search_limit_hits, not search_errors, as the RL loop's extra fields do).
+LIMIT_REACHED = "search limit reached"
+AFTER_LIMIT_NOTICE = "search after the limit notice"
+LIMIT_NOTICES = (LIMIT_REACHED, AFTER_LIMIT_NOTICE)
+
 
 # ------------------------------------------------------------------------------------------------ data types
 @dataclass
@@ -128,7 +134,12 @@ class Episode:
 
     @property
     def search_errors(self) -> int:
-        return sum(turn.search_error is not None for turn in self.turns)
+        """Searches that failed (empty or over-long query, backend down or slow); limit hits are not failures."""
+        return sum(turn.search_error is not None and turn.search_error not in LIMIT_NOTICES for turn in self.turns)
+
+    @property
+    def search_limit_hits(self) -> int:
+        return sum(turn.search_error in LIMIT_NOTICES for turn in self.turns)
 
     def to_messages(self, info_role: str = "tool") -> list[dict[str, str]]:
         """Prompt + trajectory as chat messages: policy turns are ``assistant`` messages (trained on), each
@@ -146,6 +157,7 @@ class Episode:
             "policy_calls": self.policy_calls,
             "search_count": self.search_count,
             "search_errors": self.search_errors,
+            "search_limit_hits": self.search_limit_hits,
             "latency_s": round(self.latency_s, 6),
             "raw": self.raw,
         }
@@ -343,10 +355,10 @@ async def run_episode(
             turn.query = parse_query(text)
             if searches == max_turns + 1:
                 turn.information = SEARCH_LIMIT_REACHED.format(limit=max_turns)
-                turn.search_error = "search limit reached"
+                turn.search_error = LIMIT_REACHED
                 continue
             if searches > max_turns:
-                turn.search_error = "search after the limit notice"
+                turn.search_error = AFTER_LIMIT_NOTICE
                 episode.finish = FINISH_SEARCH_LIMIT
                 break
             outcome = await search.search(turn.query)

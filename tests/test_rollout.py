@@ -99,6 +99,8 @@ def test_limits_errors_and_stop_repair(setup):
         llm.behaviour.clear()
     assert loop.finish == "search_limit" and loop.search_count == 4
     assert loop.turns[2].information == SEARCH_LIMIT_REACHED.format(limit=2) and loop.turns[3].information is None
+    # Hitting the limit is the policy's move, counted apart from failed searches (as the RL loop's fields are).
+    assert (loop.search_errors, loop.search_limit_hits) == (0, 2) and loop.to_dict()["search_limit_hits"] == 2
     assert limited.finish == "policy_error" and "429" in limited.errors[0]
     assert garbage.finish == "no_tag" and garbage.answer is None
     assert close_turn(PolicyReply("<think> a </think><search> q", "stop")) == (

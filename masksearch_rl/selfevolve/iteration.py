@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from envs.rollout import LIMIT_NOTICES
 from masksearch_rl.jsonl import BadLines, ErrorLog, ResumableJsonlWriter, atomic_path, iter_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 FINISH_TO_STATUS = {"answer": None, "search_limit": "max_turns", "length": "max_turns", "no_tag": "parse_error"}
-# Turn.search_error values that the rollout (envs.rollout, envs.search_client) sets for the policy's own moves; any
-# other search error is a failed search backend.
-LIMIT_NOTICES = ("search limit reached", "search after the limit notice")
+# Turn.search_error values that envs.search_client sets for the policy's own bad queries; with envs.rollout's
+# LIMIT_NOTICES they are the policy's moves, and any other search error is a failed search backend.
 QUERY_ERRORS = {"empty query": "empty_query", "query too long": "query_too_long"}
 
 
