@@ -129,8 +129,9 @@ def _losses(log: str, key: str) -> list[float]:
     return [float(v) for v in re.findall(rf"{key}:([0-9.]+)", log)]
 
 
-def test_real_verl_sft_on_cpu_lowers_loss_and_writes_a_loadable_model(world, tmp_path):
-    """20 steps of verl's own SFTTrainer (FSDP2 engine, gloo) on the CPU platform via masksearch_rl.sft.train."""
+def test_real_verl_sft_on_cpu_lowers_loss_and_writes_a_loadable_model(world, tmp_path, wandb_history):
+    """20 steps of verl's own SFTTrainer (FSDP2 engine, gloo) on the CPU platform via masksearch_rl.sft.train,
+    logging to W&B offline as the recipes do (trainer.logger with wandb)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,14 +141,17 @@ def test_real_verl_sft_on_cpu_lowers_loss_and_writes_a_loadable_model(world, tmp
     sft = world["root"] / "sft"
     # The RL token layout: verl's trainer loads our dataset class through data.custom_cls.
     command = trainer_command(sft, sft, world["model"], tmp_path / "ckpt", tmp_path / "hydra", steps=20,
-                              overrides=[*LAYOUTS["rl"], "data.train_batch_size=2", "data.micro_batch_size_per_gpu=2",
+                              overrides=[*LAYOUTS["rl"], "trainer.logger=[console,wandb]",
+                                         "data.train_batch_size=2", "data.micro_batch_size_per_gpu=2",
                                          "optim.lr=3e-3", "optim.lr_warmup_steps_ratio=0.0"])
-    env = {**os.environ, "VERL_PLATFORM": "cpu"}
+    env = {**os.environ, "VERL_PLATFORM": "cpu", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
     losses = _losses(log, "train/loss")
     assert len(losses) == 20
+    history = wandb_history(tmp_path)  # what W&B got: every step's loss, as printed
+    assert [round(history[step]["train/loss"], 4) for step in range(1, 21)] == [round(x, 4) for x in losses]
     assert "Using dataset class: RLLayoutSFTDataset" in log or "RLLayoutSFTDataset" in log
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     hf_dir = final_hf_model_dir(tmp_path / "ckpt")

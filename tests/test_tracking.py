@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,30 +16,6 @@ def _tables(root: Path) -> dict[str, dict]:
     for path in root.glob("wandb/offline-run-*/files/media/table/**/*.table.json"):
         found[path.name.rsplit("_", 2)[0]] = json.loads(path.read_text())
     return found
-
-
-def _history(root: Path) -> dict[int, dict[str, Any]]:
-    """Step -> logged keys of an offline run, read from its ``run-*.wandb`` transaction log: a 7-byte W&B header,
-    then LevelDB log records (32 KiB blocks, 7-byte record headers) holding protobuf ``Record`` messages."""
-    from wandb.proto import wandb_internal_pb2
-
-    [path] = root.glob("wandb/offline-run-*/run-*.wandb")
-    data, pos, pending, history = path.read_bytes(), 7, b"", {}
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            if record.HasField("history"):
-                row = history.setdefault(record.history.step.num, {})
-                row.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
-    return history
 
 
 def test_disabled_is_a_no_op(monkeypatch, tmp_path):
@@ -67,7 +42,7 @@ def test_online_without_a_key_says_what_to_set(monkeypatch, tmp_path):
         start_run(TrackingConfig(project="p", api_key_env="MY_KEY"), "eval")
 
 
-def test_offline_run_with_eval_tables_and_verl_dump(monkeypatch, tmp_path):
+def test_offline_run_with_eval_tables_and_verl_dump(monkeypatch, tmp_path, wandb_history):
     """One offline run (W&B start-up is slow): the eval logging and the trajectory table from a verl dump."""
     from masksearch_rl.eval.metrics import summarize_all
     from masksearch_rl.eval.report import results_dict, write_report
@@ -114,7 +89,7 @@ def test_offline_run_with_eval_tables_and_verl_dump(monkeypatch, tmp_path):
     table = tables["table"]
     assert table["columns"] == ["metric", "hotpotqa", "avg"]
     assert ["recall", "66.67", "–"] in table["data"]  # Avg. needs the paper's six benchmarks
-    history = _history(tmp_path / "wb")
+    history = wandb_history(tmp_path / "wb")
     [row] = [row for row in history.values() if "eval/hotpotqa/recall" in row]
     assert row["eval/hotpotqa/recall"] == pytest.approx(2 / 3) and row["eval/average_run/recall"] == pytest.approx(2 / 3)
     assert not any(key.startswith("eval/average/") for key in row)
@@ -126,7 +101,7 @@ def test_offline_run_with_eval_tables_and_verl_dump(monkeypatch, tmp_path):
     # The search quoted inside <information> is not taken for one of the policy's.
     assert row[2] == "where" and row[4] == "Paris" and row[5] == "Paris"
     # Each dump's table and reward means share one history row at verl's step, step 0 included.
-    history = _history(tmp_path / "wb_dumps")
+    history = wandb_history(tmp_path / "wb_dumps")
     assert sorted(history) == [0, 20]
     assert history[0]["trajectories/score"] == 0.0 and history[0]["trajectories/recall"] == 0.5
     assert history[20]["trajectories/score"] == 1.0 and history[20]["trajectories/acc"] == 1.0
@@ -137,3 +112,29 @@ def test_flatten_for_charts():
     from masksearch_rl.tracking import flatten
 
     assert flatten({"a": {"b": 1, "c": None}, "d": 2}) == [("a/b", 1), ("d", 2)]
+
+
+def test_data_generation_commands_log_offline(monkeypatch, tmp_path):
+    """`synth` and `ramp generate` with --wandb-mode offline: each run carries a sample table of what it wrote."""
+    from typer.testing import CliRunner
+
+    from masksearch_rl.cli import app
+    from masksearch_rl.jsonl import read_jsonl
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb = ["--wandb-project", "masksearch-test", "--wandb-mode", "offline"]
+    runner = CliRunner()
+    world = tmp_path / "world"
+    result = runner.invoke(app, ["synth", "--out", str(world), "--passages", "60", "--questions", "5", *wandb])
+    assert result.exit_code == 0, result.output
+    items = tmp_path / "ramp.jsonl"
+    result = runner.invoke(app, ["ramp", "generate", "--corpus", str(world / "corpus.jsonl"), "--out", str(items),
+                                 "--limit", "10", *wandb])
+    assert result.exit_code == 0, result.output
+    tables = _tables(tmp_path)
+    questions = read_jsonl(world / "questions.jsonl")
+    synth = tables["questions"]
+    assert [row[synth["columns"].index("question")] for row in synth["data"]] == [q["question"] for q in questions]
+    ramp = tables["items"]
+    assert [row[ramp["columns"].index("id")] for row in ramp["data"]] == [r["id"] for r in read_jsonl(items)]
+    assert all("[mask]" in row[ramp["columns"].index("query")] for row in ramp["data"])
