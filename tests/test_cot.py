@@ -122,10 +122,9 @@ def test_cli_logs_counts_and_a_trajectory_table_to_wandb_offline(tmp_path, world
     _, _, _, ramp = world
     items = tmp_path / "ramp.jsonl"
     write_jsonl(items, ramp[:4])
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     result = CliRunner().invoke(app, [
         "cot", "build", "--input", str(items), "--out", str(tmp_path / "traj.jsonl"), "--no-progress",
-        "--wandb-project", "masksearch-test", "--wandb-mode", "offline",
+        "--wandb-project", "masksearch-test", "--wandb-mode", "offline", "--wandb-dir", str(tmp_path),
         f"llm.default.base_url={llm_server.base_url}", "llm.default.api_key_env=COT_TEST_KEY",
         "llm.default.timeout_s=5", f"search.backend.url={retrieval_url}",
     ])

@@ -121,8 +121,7 @@ def test_data_generation_commands_log_offline(monkeypatch, tmp_path):
     from masksearch_rl.cli import app
     from masksearch_rl.jsonl import read_jsonl
 
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    wandb = ["--wandb-project", "masksearch-test", "--wandb-mode", "offline"]
+    wandb = ["--wandb-project", "masksearch-test", "--wandb-mode", "offline", "--wandb-dir", str(tmp_path)]
     runner = CliRunner()
     world = tmp_path / "world"
     result = runner.invoke(app, ["synth", "--out", str(world), "--passages", "60", "--questions", "5", *wandb])

@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
                                                     "table to W&B (key from $WANDB_API_KEY; WANDB_MODE=offline ok)."),
         wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
         wandb_mode: Optional[str] = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
+        wandb_dir: Optional[str] = typer.Option(None, "--wandb-dir", help="Where W&B writes its run directory."),
         overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings, e.g. max_rounds=8"),
     ) -> None:
         """Build trajectories; resumable (re-run the same command after a kill)."""
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_config(config, overrides or [], input=str(input), out=str(out), limit=limit,
                           concurrency=concurrency, progress=progress)
-        tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode)
+        tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode, dir=wandb_dir)
         with start_run(tracking, "cot-build", asdict(cfg)) as tracker:
             summary = run_cot(cfg)
             tracker.summary({"run": summary["run"], "file": summary["file"], "judge": summary["judge"]})

@@ -57,6 +57,7 @@ def generate_command(
     ),
     wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
     wandb_mode: Optional[str] = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
+    wandb_dir: Optional[str] = typer.Option(None, "--wandb-dir", help="Where W&B writes its run directory."),
 ) -> None:
     """Generate RAMP items (resumable: re-run the same command after a kill)."""
     from envs.prompts import RAMP_INSTRUCTION
@@ -99,7 +100,8 @@ def generate_command(
 
     options = {"corpus": corpus, "out": out, "extractor": extractor, "k_dist": k_dist, "weighting": weighting,
                "max_masks": max_masks, "seed": seed, "limit": limit, "ppl_model": ppl_model}
-    with start_run(TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode), "ramp-generate",
+    with start_run(TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode, dir=wandb_dir),
+                   "ramp-generate",
                    options) as tracker:
         summary = generate_ramp(config)
         tracker.summary({"run": summary["run"], "totals": summary["totals"]})

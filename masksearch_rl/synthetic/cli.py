@@ -21,12 +21,13 @@ def register(app: typer.Typer) -> None:
                                           "$WANDB_API_KEY; WANDB_MODE=offline works without network)."),
         wandb_name: str = typer.Option(None, "--wandb-name"),
         wandb_mode: str = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
+        wandb_dir: str = typer.Option(None, "--wandb-dir", help="Where W&B writes its run directory."),
     ) -> None:
         """Generate a fictional encyclopedia (names are invented, so answers need search) and questions over it."""
         from masksearch_rl.synthetic import write_synthetic_corpus
         from masksearch_rl.tracking import TrackingConfig, start_run
 
-        tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode)
+        tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode, dir=wandb_dir)
         options = {"out": str(out), "passages": passages, "questions": questions, "seed": seed}
         with start_run(tracking, "synth", options) as tracker:
             summary = write_synthetic_corpus(out, passages, questions, seed)
