@@ -159,3 +159,20 @@ def test_ray_head_and_worker_start_ray_with_the_node_settings():
     missing = subprocess.run(["bash", str(LAUNCH / "ray_worker.sh")], capture_output=True, text=True,
                              env={k: v for k, v in env.items() if k != "HEAD_ADDRESS"})
     assert missing.returncode == 2 and "HEAD_ADDRESS" in missing.stderr
+
+
+def test_selfevolve_sbatch_spreads_the_teacher_sft_over_the_allocation():
+    lines = dry_run("slurm/selfevolve.sbatch", "2", "stage1_ramp/qwen2.5-1.5b_8gpu", NODES="g0 g1",
+                    SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="4", ITEMS="items.jsonl", SEED_SET="cot.jsonl",
+                    JUDGE_URL="http://judge/v1", JUDGE_MODEL="judge")
+    sft = [line[1:] for line in lines if any(arg.endswith("sft.sbatch") for arg in line)]
+    serve = [line[1:] for line in lines if line[1:3] == ["vllm", "serve"]]
+    assert len(sft) == len(serve) == 2  # two iterations
+    assert sft[0][2].endswith("recipes/launch/slurm/sft.sbatch") and sft[0][3] == "stage1_ramp/qwen2.5-1.5b_8gpu"
+    assert serve[1][2].endswith("iter_2/teacher_sft/hf_model") and serve[1][serve[1].index("--tensor-parallel-size") + 1] == "4"
+    # What that sft.sbatch line then runs on each node composes, with the allocation's counts.
+    torchrun = dry_run("slurm/sft.sbatch", *sft[0][3:], NODES="g0 g1", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="4")[1]
+    i = torchrun.index("--config-name")
+    cfg = compose(Path(torchrun[torchrun.index("--config-path") + 1]), torchrun[i + 1], torchrun[i + 2:])
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (2, 4)
+    assert cfg.trainer.default_local_dir == "runs/selfevolve/iter_1/teacher_sft"
