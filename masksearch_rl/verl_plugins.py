@@ -7,6 +7,11 @@ puzzling "unknown trainer/agent loop"; we log the real error at ERROR level firs
 
 import importlib
 import logging
+import warnings
+
+# verl's engine package warns once per optional backend it cannot import (torchtitan, veomni, automodel, mindspeed,
+# megatron) in every process that imports it; none of them is used by our recipes, so those lines are only noise.
+warnings.filterwarnings("ignore", message=r".* engine is not available", category=UserWarning)
 
 EXTENSIONS = (
     # First: verl resolves its platform once, on the first get_platform() call, and importing almost any other
