@@ -82,6 +82,7 @@ class FormatReason(IntEnum):
     MISSING_THINK = 12
     SPAN_COUNT_MISMATCH = 13
     BAD_TOOL_CALL = 14  # hermes only: a tool call that is not {"name": ..., "arguments": ...} JSON
+    ANSWER_TOO_LONG = 15  # QA: more words than format.max_answer_words
 
     @property
     def label(self) -> str:
@@ -104,10 +105,15 @@ class FormatRules:
     eos_tokens: tuple[str, ...] = DEFAULT_EOS_TOKENS
     # "tags" (<search>/<information>) or "hermes" (<tool_call>/<tool_response>); a row's agent_name overrides it.
     protocol: str = "tags"
+    # QA answers longer than this many words are ill-formed (0: no limit). A recall reward pays for every gold token
+    # an answer contains, so without a limit a policy can list candidates; RAMP answers are never limited.
+    max_answer_words: int = 0
 
     def __post_init__(self) -> None:
         if self.paragraph_min_words < 1:
             raise ValueError(f"format.paragraph_min_words must be >= 1, got {self.paragraph_min_words}")
+        if self.max_answer_words < 0:
+            raise ValueError(f"format.max_answer_words must be >= 0 (0: no limit), got {self.max_answer_words}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"format.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         object.__setattr__(self, "eos_tokens", tuple(self.eos_tokens))
@@ -204,6 +210,8 @@ def format_fields(
         paragraph = rules.allow_paragraph and is_paragraph_answer(answer, num_masks, rules.paragraph_min_words)
         if not paragraph:
             failure = FormatReason.SPAN_COUNT_MISMATCH
+    elif num_masks is None and rules.max_answer_words and len(answer.split()) > rules.max_answer_words:
+        failure = FormatReason.ANSWER_TOO_LONG
     if failure is not None:
         return (False, failure, answer, num_searches, num_thinks, False)
     return (True, FormatReason.OK, answer, num_searches, num_thinks, paragraph)

@@ -487,6 +487,22 @@ def test_config_errors_name_the_key():
         compute_score_sync("ramp", trajectory(answer="x | y"), RAMP_GT, ramp_metric="judge")
 
 
+def test_long_qa_answers_are_ill_formed_when_limited():
+    """format.max_answer_words: recall pays for every gold token an answer holds, so a capped answer length keeps a
+    policy from listing candidates; RAMP answers (one span per mask, or the paragraph) are never limited."""
+    gold = {"target": ["Gustave Eiffel"]}
+    listing = trajectory(search("who"), answer="Gustave Eiffel or Stephen Sauvestre or Maurice Koechlin")
+    assert compute_score_sync("hotpotqa", listing, gold, qa_metric="recall")["score"] == 1.0
+    limited = compute_score_sync("hotpotqa", listing, gold, qa_metric="recall", format={"max_answer_words": 5})
+    assert limited["format_code"] == R.ANSWER_TOO_LONG and limited["score"] == 0.0
+    short = trajectory(search("who"), answer="Gustave Eiffel")
+    assert compute_score_sync("hotpotqa", short, gold, qa_metric="recall", format={"max_answer_words": 5})["score"] == 1.0
+    rules = FormatRules(max_answer_words=1)
+    assert check_format(trajectory(answer="Gustave Eiffel | 1889"), num_masks=2, rules=rules).ok
+    with pytest.raises(ValueError, match="max_answer_words"):
+        FormatRules(max_answer_words=-1)
+
+
 def test_options_from_hydra_nodes_and_environment(monkeypatch):
     from omegaconf import OmegaConf
 
@@ -557,6 +573,7 @@ CONFIGS = [
     {"ramp_metric": "cover_em", "format": {"allow_untagged_text": True, "require_think": True}},
     {"format_weight": 0.2, "format_penalty": -0.5, "format": {"protocol": "hermes"}},
     {"format_gate": False, "format": {"protocol": "hermes", "require_think": True}},
+    {"qa_metric": "recall", "format_weight": 0.1, "format": {"max_answer_words": 2}},
 ]
 # What a row may say about the loop that wrote it (compute_score's extra_info).
 EXTRA_INFOS = [None, {"agent_name": TOOL_AGENT_NAME}, {"agent_name": TAG_AGENT_NAME, "index": 3}]
