@@ -1,12 +1,25 @@
-"""Shared test helpers (pytest loads this file for every test module)."""
+"""Shared test helpers (pytest loads this file before any test module)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The project's public sample files (KILT pages, QA benchmark samples) live beside the checkout in ../shared/data;
+# MASKSEARCH_SHARED_DATA points elsewhere. Test modules read the resolved path from the environment.
+SHARED_DATA = Path(os.environ.get("MASKSEARCH_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+os.environ["MASKSEARCH_SHARED_DATA"] = str(SHARED_DATA)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``shared_data`` skip, saying why, where the sample files are not (before their fixtures run)."""
+    if item.get_closest_marker("shared_data") and not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared sample data is not at {SHARED_DATA} (set MASKSEARCH_SHARED_DATA)")
 
 
 def read_offline_history(root: Path) -> dict[int, dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ from masksearch_rl.corpus.passage import Passage, split_contents
 from masksearch_rl.corpus.readers import ReadStats, detect_format, read_corpus
 from masksearch_rl.jsonl import BadLines
 
-KILT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki" / "kilt_sample_100.jsonl"
+KILT_SAMPLE = Path(os.environ["MASKSEARCH_SHARED_DATA"]) / "wiki" / "kilt_sample_100.jsonl"  # tests/conftest.py
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:
@@ -50,8 +51,6 @@ def _by_title(passages: list[Passage]) -> dict[str, list[Passage]]:
 
 @pytest.fixture(scope="module")
 def kilt_raw() -> list[dict]:
-    if not KILT_SAMPLE.exists():
-        pytest.skip(f"shared sample missing: {KILT_SAMPLE}")
     return [json.loads(line) for line in KILT_SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -71,6 +70,7 @@ def _expected_kilt_words(record: dict) -> list[str]:
     return words
 
 
+@pytest.mark.shared_data
 def test_kilt_sample_is_detected_and_every_article_read(kilt_raw, kilt_passages):
     passages, bad, stats = kilt_passages
     assert detect_format(KILT_SAMPLE) == "kilt"
@@ -80,6 +80,7 @@ def test_kilt_sample_is_detected_and_every_article_read(kilt_raw, kilt_passages)
     assert list(_by_title(passages)) == [record["wikipedia_title"] for record in kilt_raw]
 
 
+@pytest.mark.shared_data
 def test_kilt_passages_carry_their_title_and_no_markup(kilt_passages):
     passages, _, _ = kilt_passages
     for passage in passages:
@@ -90,6 +91,7 @@ def test_kilt_passages_carry_their_title_and_no_markup(kilt_passages):
         assert len(passage.text.split()) <= max_chunk_words(100)
 
 
+@pytest.mark.shared_data
 def test_kilt_chunks_reproduce_each_article_in_order_with_sequential_ids(kilt_raw, kilt_passages):
     passages, _, _ = kilt_passages
     grouped = _by_title(passages)
@@ -100,12 +102,14 @@ def test_kilt_chunks_reproduce_each_article_in_order_with_sequential_ids(kilt_ra
     assert len({p.id for p in passages}) == len(passages)
 
 
+@pytest.mark.shared_data
 def test_kilt_sample_sizes_are_close_to_target(kilt_passages):
     passages, _, _ = kilt_passages
     sizes = [len(p.text.split()) for p in passages]
     assert 60 <= sum(sizes) / len(sizes) <= 110
 
 
+@pytest.mark.shared_data
 def test_kilt_whole_articles_without_chunking(kilt_raw):
     passages = list(read_corpus(KILT_SAMPLE, chunk_words=None))
     assert [p.id for p in passages] == [f"{r['wikipedia_title']}-0" for r in kilt_raw]

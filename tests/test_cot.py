@@ -38,7 +38,7 @@ from masksearch_rl.synthetic import write_synthetic_corpus
 from reward.format import check_format
 
 REPO = Path(__file__).resolve().parents[1]
-QA_SAMPLES = REPO.parent / "shared" / "data" / "qa"
+QA_SAMPLES = Path(os.environ["MASKSEARCH_SHARED_DATA"]) / "qa"  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +369,7 @@ def test_merged_search_failures_are_backend_failures():
         asyncio.run(merged_search(_FakeBackend({"q": ["a"]}, delay_s=1.0), ["q"], settings, 3))
 
 
-@pytest.mark.skipif(not QA_SAMPLES.is_dir(), reason="shared QA samples not present")
+@pytest.mark.shared_data
 def test_cot_build_reads_the_real_qa_samples(tmp_path, retrieval_url):
     """HotpotQA / 2Wiki / MuSiQue files as shipped (``idx``, string answers, extra fields) build without errors."""
     from typer.testing import CliRunner

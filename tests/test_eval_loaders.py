@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +21,12 @@ from masksearch_rl.eval.loaders import (
     parse_data_spec,
 )
 
-SHARED_QA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qa"
+SHARED_QA = Path(os.environ["MASKSEARCH_SHARED_DATA"]) / "qa"  # tests/conftest.py
 
 
 @pytest.mark.parametrize("file,name", [("hotpotqa_500.jsonl", "hotpotqa"), ("2wiki_500.jsonl", "2wiki"),
                                        ("musique_500.jsonl", "musique")])
+@pytest.mark.shared_data
 def test_shared_samples_load_completely(file, name):
     path = SHARED_QA / file
     raw = [json.loads(line) for line in open(path)]
@@ -152,6 +154,7 @@ def test_names_and_specs(tmp_path):
     assert bench.name == "musique" and path == tmp_path / "x.jsonl"
 
 
+@pytest.mark.shared_data
 def test_val_parquet_rows_score_with_the_reward(tmp_path):
     """Exported rows carry what verl's validation needs, and our reward scores them per benchmark."""
     from reward.masksearch_reward import compute_score_sync

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "recipes" / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*.sbatch")])
-SHARED_QA = REPO.parent / "shared" / "data" / "qa"
+SHARED_QA = Path(os.environ["MASKSEARCH_SHARED_DATA"]) / "qa"  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,6 +112,7 @@ def test_slurm_sft_runs_one_torchrun_per_node_and_composes():
     assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node, cfg.trainer.total_epochs) == (2, 8, 2)
 
 
+@pytest.mark.shared_data
 def test_eval_val_parquet_override_composes_into_a_recipe(tmp_path):
     """`eval export` prints data.val_files=[...]; with it trainer.test_freq validates on the benchmarks."""
     from masksearch_rl.eval.export import export_parquet

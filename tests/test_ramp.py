@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -53,7 +54,7 @@ from masksearch_rl.ramp.masking import (
 from masksearch_rl.ramp.pipeline import RampConfig, generate_ramp
 
 REPO = Path(__file__).resolve().parents[1]
-KILT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki" / "kilt_sample_100.jsonl"
+KILT = Path(os.environ["MASKSEARCH_SHARED_DATA"]) / "wiki" / "kilt_sample_100.jsonl"  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ def check_item(item: dict, instruction: str = RAMP_INSTRUCTION) -> None:
     assert item["title"].casefold() not in {m.casefold() for m in masks}
 
 
+@pytest.mark.shared_data
 def test_kilt_items_satisfy_every_invariant(kilt_run, kilt_corpus):
     out, summary = kilt_run
     items = read_jsonl(out)
@@ -151,6 +153,7 @@ def test_kilt_items_satisfy_every_invariant(kilt_run, kilt_corpus):
     assert sum(i["num_masks"] == 4 for i in four) > 0.9 * len(four)
 
 
+@pytest.mark.shared_data
 def test_kilt_golden_spans():
     """Known spans of known paragraphs are proposed and survive validation."""
     pages = {json.loads(line)["wikipedia_title"]: json.loads(line) for line in KILT.read_text().splitlines()}
@@ -164,6 +167,7 @@ def test_kilt_golden_spans():
     assert types["1865"] == "year" and types["American Anthropological Association"] == "name"
 
 
+@pytest.mark.shared_data
 def test_kilt_output_is_deterministic_and_seeded(kilt_corpus, kilt_run, tmp_path):
     out, _ = kilt_run
     again = tmp_path / "again.jsonl"
@@ -526,6 +530,7 @@ def test_output_does_not_depend_on_worker_count(tmp_path):
     assert Path(f"{one}.dropped.jsonl").read_bytes() == Path(f"{two}.dropped.jsonl").read_bytes()
 
 
+@pytest.mark.shared_data
 def test_reads_other_corpus_formats_through_corpus_readers(tmp_path):
     pytest.importorskip("masksearch_rl.corpus.readers")
     out = tmp_path / "items.jsonl"
@@ -664,6 +669,7 @@ def test_ppl_masking_picks_the_hardest_spans(tiny_lm, tmp_path):
 # verl parquet export
 
 
+@pytest.mark.shared_data
 def test_export_parquet_rows_split_and_dedupe(kilt_run, tmp_path):
     import pandas as pd
 
@@ -698,6 +704,7 @@ def test_export_parquet_rows_split_and_dedupe(kilt_run, tmp_path):
     assert split_ids(by_id, 0.05, 11) != split_ids(by_id, 0.05, 12)
 
 
+@pytest.mark.shared_data
 def test_export_loads_with_hf_datasets_like_verl(kilt_run, tmp_path):
     import datasets
 
@@ -708,6 +715,7 @@ def test_export_loads_with_hf_datasets_like_verl(kilt_run, tmp_path):
     assert row["extra_info"]["tools_kwargs"].get("search", {}).get("create_kwargs")  # what verl's tool loop reads
 
 
+@pytest.mark.shared_data
 def test_cli_generate_and_export(kilt_corpus, tmp_path):
     import typer
     from typer.testing import CliRunner
