@@ -69,9 +69,9 @@ from envs.prompts import (
     SEARCH_LIMIT_REACHED,
     STOP_STRINGS,
     TAG_AGENT_NAME,
-    find_stop,
     information_block,
     parse_query,
+    tokens_through_stop,
 )
 from envs.search_client import SearchSettings, search_once, shared_backend, truncate_to_budget
 
@@ -138,25 +138,6 @@ def stop_sampling_params(rollout_name: str | None, engine_has_tokenizer: bool) -
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     logger.warning(message)
-
-
-def tokens_through_stop(token_ids: list[int], tokenizer: Any) -> tuple[int, str | None]:
-    """How many tokens to keep so the output ends with its first stop tag (all of them if there is none).
-
-    The decoded prefix grows with the number of tokens, so the shortest prefix containing a stop tag is found by
-    bisection: a few decodes even for long outputs.
-    """
-    full = find_stop(tokenizer.decode(token_ids))
-    if full is None:
-        return len(token_ids), None
-    low, high = 1, len(token_ids)
-    while low < high:
-        mid = (low + high) // 2
-        if find_stop(tokenizer.decode(token_ids[:mid])) is None:
-            low = mid + 1
-        else:
-            high = mid
-    return low, full[1]
 
 
 @dataclass

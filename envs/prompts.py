@@ -13,6 +13,8 @@ For RAMP the answer lists the filled spans in order, separated by `` | ``.
 
 from __future__ import annotations
 
+from typing import Any
+
 MASK_TOKEN = "[mask]"
 ANSWER_SEPARATOR = " | "
 
@@ -144,3 +146,22 @@ def parse_query(turn_text: str) -> str:
         return ""
     start = turn_text.rfind(SEARCH_OPEN, 0, end)
     return "" if start < 0 else turn_text[start + len(SEARCH_OPEN) : end].strip()
+
+
+def tokens_through_stop(token_ids: list[int], tokenizer: Any) -> tuple[int, str | None]:
+    """How many tokens to keep so the output ends with its first stop tag (all of them if there is none).
+
+    The decoded prefix grows with the number of tokens, so the shortest prefix containing a stop tag is found by
+    bisection: a few decodes even for long outputs.
+    """
+    full = find_stop(tokenizer.decode(token_ids))
+    if full is None:
+        return len(token_ids), None
+    low, high = 1, len(token_ids)
+    while low < high:
+        mid = (low + high) // 2
+        if find_stop(tokenizer.decode(token_ids[:mid])) is None:
+            low = mid + 1
+        else:
+            high = mid
+    return low, full[1]

@@ -38,13 +38,7 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.utils.dataset.rl_dataset import RLHFDataset  # noqa: E402
 from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
-from envs.agent_loop import (  # noqa: E402
-    engine_decodes_text,
-    find_stop,
-    parse_query,
-    stop_sampling_params,
-    tokens_through_stop,
-)
+from envs.agent_loop import engine_decodes_text, stop_sampling_params  # noqa: E402
 from envs.prompts import (  # noqa: E402
     SEARCH_EMPTY_QUERY,
     SEARCH_LIMIT_REACHED,
@@ -52,8 +46,11 @@ from envs.prompts import (  # noqa: E402
     STOP_STRINGS,
     TAG_AGENT_NAME,
     TRUNCATION_MARKER,
+    find_stop,
     information_block,
+    parse_query,
     qa_messages,
+    tokens_through_stop,
 )
 from envs.search_client import close_shared_backends, format_hits, truncate_to_budget  # noqa: E402
 from masksearch_rl.retrieval.index import build_index, load_index  # noqa: E402

@@ -216,6 +216,7 @@ def probe_format(
         SEARCH_NO_RESULTS,
         information_block,
         ramp_messages,
+        tokens_through_stop,
     )
     from envs.search_client import format_hits, truncate_to_budget
     from masksearch_rl.retrieval.index import load_index
@@ -244,7 +245,7 @@ def probe_format(
                                      stop_strings=stops, tokenizer=tokenizer,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             new_ids = out[0, len(context_ids):].tolist()
-            keep, stop = _through_stop(new_ids, tokenizer, stops)
+            keep, stop = tokens_through_stop(new_ids, tokenizer)
             response_ids += new_ids[:keep]
             context_ids += new_ids[:keep]
             if stop != SEARCH_CLOSE or searches >= config.max_searches:
@@ -274,14 +275,3 @@ def probe_format(
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     return {"prompts": len(results), "well_formed": ok, "well_formed_rate": ok / max(1, len(results)),
             "reasons": reasons, "examples": results[:3]}
-
-
-def _through_stop(ids: list[int], tokenizer: Any, stops: list[str]) -> tuple[int, str | None]:
-    """How many of ``ids`` to keep: through the first stop tag (or all); and which tag ended the turn."""
-    text = ""
-    for count, token in enumerate(ids, start=1):
-        text = tokenizer.decode(ids[:count])
-        for stop in stops:
-            if stop in text:
-                return count, stop
-    return len(ids), None
