@@ -98,38 +98,32 @@ class MaskSearchPPOTrainer(PPOTrainerSync):
     def step(self, metrics: dict, timing_raw: dict):
         batch = super().step(metrics, timing_raw)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-        rows = [
-            fields
-            for fields, tag in zip(list(data["extra_fields"]), batch.tags, strict=True)
+        live = [
+            (key, fields)
+            for key, fields, tag in zip(batch.keys, list(data["extra_fields"]), batch.tags, strict=True)
             if not tag.get("is_padding", False)
         ]
-        metrics.update(episode_metrics(rows))
-        if self._table_due():
+        metrics.update(episode_metrics(fields for _, fields in live))
+        tracking = self.config.get("masksearch_tracking") or {}
+        freq = int(tracking.get("trajectory_table_freq", 0) or 0)
+        if freq > 0 and "wandb" in list(self.config.trainer.logger) and (self.global_steps - 1) % freq == 0:
             try:
-                self._log_trajectory_table(batch, rows)
+                self._log_trajectory_table(batch.partition_id, live[: int(tracking.get("trajectory_table_rows", 8))])
             except Exception:  # a sample table is never worth a training run
                 logger.exception("could not log the trajectory table at step %d", self.global_steps)
         return batch
 
-    def _table_due(self) -> bool:
-        settings = self.config.get("masksearch_tracking") or {}
-        freq = int(settings.get("trajectory_table_freq", 0) or 0)
-        return freq > 0 and "wandb" in list(self.config.trainer.logger) and (self.global_steps - 1) % freq == 0
-
-    def _log_trajectory_table(self, batch, extra_fields: list) -> None:
-        """A W&B table of the step's first rollouts, logged at verl's step (verl logs the metrics after us)."""
+    def _log_trajectory_table(self, partition_id: str, live: list) -> None:
+        """A W&B table of ``live`` rollouts ``(key, extra_fields)``, logged at verl's step (verl logs the metrics
+        after us)."""
         import wandb
 
         from masksearch_rl.eval.trajectories import trajectory_rows
 
-        if wandb.run is None:
+        if wandb.run is None or not live:
             return
-        limit = int((self.config.get("masksearch_tracking") or {}).get("trajectory_table_rows", 8))
-        keys = [key for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
-        keys = keys[:limit]
-        if not keys:
-            return
-        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id,
+        keys = [key for key, _ in live]
+        data = tq.kv_batch_get(keys=keys, partition_id=partition_id,
                                select_fields=["prompts", "responses", "reward_model", "rm_scores"])
         pad = self.tokenizer.pad_token_id
         prompts = data["prompts"].to_padded_tensor(padding=pad)  # jagged in TransferQueue, as verl's own dump reads
@@ -137,7 +131,7 @@ class MaskSearchPPOTrainer(PPOTrainerSync):
         scores = data["rm_scores"].to_padded_tensor(padding=0.0).sum(dim=1).tolist()
         reward_models = [getattr(item, "data", item) for item in data["reward_model"]]
         records = []
-        for i, fields in enumerate(extra_fields[: len(keys)]):
+        for i, (_, fields) in enumerate(live):
             reward_info = fields.get("reward_extra_info", {}) if isinstance(fields, Mapping) else {}
             records.append({
                 "step": self.global_steps,
