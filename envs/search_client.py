@@ -112,6 +112,19 @@ def shared_backend(backend_config: Mapping[str, Any]) -> SearchBackend:
         return _BACKENDS[key]
 
 
+def search_backend_config(server_url: str | None = None, index_dir: str | None = None, web: str | None = None) -> dict:
+    """The ``search.backend`` mapping for a command's search options: a web API (``serper`` ...), a local index, or
+    our retrieval server (the default, at http://127.0.0.1:8000). Raises ``ValueError`` when more than one is given.
+    """
+    if sum(x is not None for x in (server_url, index_dir, web)) > 1:
+        raise ValueError("give one search backend: a retrieval server URL, a local index or a web API")
+    if web:
+        return {"type": web}
+    if index_dir:
+        return {"type": "local", "index_dir": index_dir}
+    return {"type": "server", "url": server_url or "http://127.0.0.1:8000"}
+
+
 async def close_shared_backends() -> None:
     """Close every shared backend (tests, clean shutdown); later searches build fresh ones."""
     with _BACKENDS_LOCK:

@@ -81,14 +81,12 @@ def run_command(
     from masksearch_rl.eval.loaders import BenchmarkFormatError
     from masksearch_rl.eval.runner import EvalConfig, PolicyConfig, run_eval
 
-    if sum(x is not None for x in (retriever_url, index_dir, web)) > 1:
-        raise typer.BadParameter("choose one of --retriever-url, --index, --web")
-    if web:
-        backend: dict = {"type": web}
-    elif index_dir:
-        backend = {"type": "local", "index_dir": index_dir}
-    else:
-        backend = {"type": "server", "url": retriever_url or "http://127.0.0.1:8000"}
+    from envs.search_client import search_backend_config
+
+    try:
+        backend = search_backend_config(retriever_url, index_dir, web)
+    except ValueError as err:
+        raise typer.BadParameter("choose one of --retriever-url, --index, --web") from err
     try:
         config = EvalConfig(
             datasets=_specs(data),

@@ -9,18 +9,6 @@ from typing import Optional
 import typer
 
 
-def search_backend(retrieval_url: str | None, index_dir: str | None, web: str | None) -> dict:
-    """The ``search.backend`` mapping (envs.search_client.SearchSettings / make_backend) from the three mutually
-    exclusive options, chosen the way ``eval run`` chooses: web API, local index, else our retrieval server."""
-    if sum(x is not None for x in (retrieval_url, index_dir, web)) > 1:
-        raise typer.BadParameter("choose one of --retrieval-url, --index, --web")
-    if web:
-        return {"type": web}
-    if index_dir:
-        return {"type": "local", "index_dir": index_dir}
-    return {"type": "server", "url": retrieval_url or "http://127.0.0.1:8000"}
-
-
 def register(app: typer.Typer) -> None:
     se = typer.Typer(help="Self-Evolve Distillation (teacher trajectories -> judge -> merged D_T).",
                      no_args_is_help=True)
@@ -62,11 +50,15 @@ def register(app: typer.Typer) -> None:
         """Teacher rollouts on fresh items -> judge -> merge into D_T -> SFT parquet; stats in iter_<i>/stats.json."""
         from dataclasses import asdict
 
+        from envs.search_client import search_backend_config
         from masksearch_rl.cot.pipeline import record_table
         from masksearch_rl.selfevolve.iteration import IterationConfig, run_iteration
         from masksearch_rl.tracking import TrackingConfig, start_run
 
-        backend = search_backend(retrieval_url, index_dir, web)
+        try:
+            backend = search_backend_config(retrieval_url, index_dir, web)
+        except ValueError as err:
+            raise typer.BadParameter("choose one of --retrieval-url, --index, --web") from err
         config = IterationConfig(
             iteration=iteration, items=str(items), work_dir=str(work_dir),
             dataset=str(dataset) if dataset else None,
