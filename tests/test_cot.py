@@ -454,6 +454,14 @@ def test_no_eval_guard_catches_an_evaluating_parser():
         eval("1 + 1")
 
 
+def test_json_reply_is_the_last_top_level_object_not_one_inside_it():
+    """Braces inside strings and nested objects belong to the reply's object; only whole objects count."""
+    assert agents.extract_json_object('Here you go:\n{"queries": ["0", "1", "{}"]}') == {"queries": ["0", "1", "{}"]}
+    assert agents.extract_json_object('x {"a": {"b": 1}} y') == {"a": {"b": 1}}
+    assert agents.extract_json_object('draft {"a": 1} final {"a": 2} done') == {"a": 2}
+    assert agents.extract_json_object('{ broken {"a": "}"}') == {"a": "}"}
+
+
 def test_observer_parser_shapes():
     ok = agents.parse_observation('{"summary": "s", "action": "answer", "answer": ["a", "b"]}')
     assert ok.answer == "a | b" and ok.found

@@ -46,15 +46,20 @@ def extract_json_object(text: str) -> dict[str, Any]:
             return obj
     except (json.JSONDecodeError, RecursionError):
         pass
+    # Scan for top-level objects only: once one decodes, resume after its end, so a "{" inside one of its
+    # strings or a nested object is never mistaken for the reply's own object.
     decoder = json.JSONDecoder()
     found: dict[str, Any] | None = None
-    for match in re.finditer(r"\{", text):
+    start = text.find("{")
+    while start != -1:
         try:
-            obj, _ = decoder.raw_decode(text, match.start())
+            obj, end = decoder.raw_decode(text, start)
         except (json.JSONDecodeError, RecursionError):
+            start = text.find("{", start + 1)
             continue
         if isinstance(obj, dict):
             found = obj
+        start = text.find("{", end)
     if found is None:
         raise ParseError(f"no JSON object in reply {text[:120]!r}")
     return found
