@@ -37,6 +37,9 @@ from masksearch_rl.retrieval.types import Hit, SearchBackend, SearchError
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETRIEVAL_URL = "http://127.0.0.1:8000"
+# SearchOutcome.error for the policy's own bad queries (not backend failures; self-evolve tells the two apart).
+EMPTY_QUERY_ERROR = "empty query"
+QUERY_TOO_LONG_ERROR = "query too long"
 
 
 @dataclass
@@ -114,7 +117,8 @@ def shared_backend(backend_config: Mapping[str, Any]) -> SearchBackend:
 
 def search_backend_config(server_url: str | None = None, index_dir: str | None = None, web: str | None = None) -> dict:
     """The ``search.backend`` mapping for a command's search options: a web API (``serper`` ...), a local index, or
-    our retrieval server (the default, at http://127.0.0.1:8000). Raises ``ValueError`` when more than one is given.
+    our retrieval server (the default, at :data:`DEFAULT_RETRIEVAL_URL`). Raises ``ValueError`` when more than one
+    is given.
     """
     if sum(x is not None for x in (server_url, index_dir, web)) > 1:
         raise ValueError("give one search backend: a retrieval server URL, a local index or a web API")
@@ -122,7 +126,7 @@ def search_backend_config(server_url: str | None = None, index_dir: str | None =
         return {"type": web}
     if index_dir:
         return {"type": "local", "index_dir": index_dir}
-    return {"type": "server", "url": server_url or "http://127.0.0.1:8000"}
+    return {"type": "server", "url": server_url or DEFAULT_RETRIEVAL_URL}
 
 
 async def close_shared_backends() -> None:
@@ -193,11 +197,11 @@ async def search_once(
     """
     budget = settings.max_info_tokens if max_tokens is None else min(max_tokens, settings.max_info_tokens)
     if not isinstance(query, str) or not query.strip():
-        return SearchOutcome(SEARCH_EMPTY_QUERY, error="empty query")
+        return SearchOutcome(SEARCH_EMPTY_QUERY, error=EMPTY_QUERY_ERROR)
     query = " ".join(query.split())
     if len(query) > settings.max_query_chars:
         text = SEARCH_QUERY_TOO_LONG.format(length=len(query), limit=settings.max_query_chars)
-        return SearchOutcome(text, error="query too long")
+        return SearchOutcome(text, error=QUERY_TOO_LONG_ERROR)
     started = time.perf_counter()
     try:
         results = await asyncio.wait_for(backend.search([query], settings.topk), settings.search_timeout_s)

@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import time
+import traceback
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,9 +290,35 @@ def run_cot(config: CotConfig) -> dict[str, Any]:
     return asyncio.run(_run(config))
 
 
-async def _run(config: CotConfig) -> dict[str, Any]:
-    import traceback
+async def build_and_write(
+    task: Any, build: Callable[[], Awaitable[dict[str, Any]]], writer: ResumableJsonlWriter, errors: ErrorLog,
+    counts: Counter, count: Callable[[Counter, dict[str, Any]], None] | None = None,
+) -> bool:
+    """Build ``task``'s record with ``build()`` and append it to ``writer``, counting a new one with ``count``
+    (default :func:`count_record`).
 
+    A failure is counted (``backend_error``: :class:`BackendFailure`; ``task_error``: any other exception, with its
+    traceback) and logged to ``errors`` instead of raised, so one task never ends the run and the next run retries
+    it. Returns False when the task failed. Shared by ``cot build`` and the self-evolve iteration.
+    """
+    try:
+        record = await build()
+        written = writer.write(record)
+    except BackendFailure as err:
+        counts["backend_error"] += 1
+        errors.add(task.id, "backend", str(err))
+        return False
+    except Exception as err:  # one task's bug must not end the run; it is retried next run
+        logger.exception("task %s failed", task.id)
+        counts["task_error"] += 1
+        errors.add(task.id, "task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
+        return False
+    if written:
+        (count or count_record)(counts, record)
+    return True
+
+
+async def _run(config: CotConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from masksearch_rl.cot.tasks import iter_tasks
@@ -310,32 +338,16 @@ async def _run(config: CotConfig) -> dict[str, Any]:
         with errors, writer:  # the writer closes (fsync) first, then the error log is pruned against it
             semaphore = asyncio.Semaphore(config.concurrency)
 
-            def failed(task, kind: str, error: str, trace: str | None = None) -> None:
-                run_counts[kind] += 1
-                errors.add(task.id, "backend" if kind == "backend_error" else kind, error, trace)
-                if run_counts["backend_error"] + run_counts["task_error"] >= config.max_backend_errors:
-                    logger.error("stopping: %d failed tasks (max_backend_errors)",
-                                 run_counts["backend_error"] + run_counts["task_error"])
-                    stop.set()
-
             async def one(task) -> None:
                 try:
                     if stop.is_set():
                         return
-                    try:
-                        record = await construct(task, roles, backend, config)
-                        written = writer.write(record)
-                    except BackendFailure as err:
-                        failed(task, "backend_error", str(err))
-                        return
-                    except Exception as err:  # one task's bug must not end the run; it is retried next run
-                        logger.exception("task %s failed", task.id)
-                        failed(task, "task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
-                        return
-                    if written:
-                        run_counts[record["status"]] += 1
-                        run_counts["kept"] += record["keep"]
-                        run_counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))
+                    build = lambda: construct(task, roles, backend, config)
+                    if not await build_and_write(task, build, writer, errors, run_counts):
+                        failures = run_counts["backend_error"] + run_counts["task_error"]
+                        if failures >= config.max_backend_errors:
+                            logger.error("stopping: %d failed tasks (max_backend_errors)", failures)
+                            stop.set()
                 finally:
                     semaphore.release()
                     bar.update(1)
@@ -407,8 +419,14 @@ def file_counts(path: str | Path) -> dict[str, int]:
     counts: Counter = Counter()
     if Path(path).exists():
         for _, record in iter_jsonl(path, bad=BadLines()):
-            counts["records"] += 1
-            counts[str(record.get("status"))] += 1
-            counts["kept"] += bool(record.get("keep"))
-            counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))
+            count_record(counts, record)
     return dict(counts)
+
+
+def count_record(counts: Counter, record: dict[str, Any]) -> None:
+    """Add one trajectory record to ``counts``: ``records``, one per ``status``, ``kept``, ``judged_by_fallback``.
+    The one definition for a run's counts and a whole file's recount."""
+    counts["records"] += 1
+    counts[str(record.get("status"))] += 1
+    counts["kept"] += bool(record.get("keep"))
+    counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))

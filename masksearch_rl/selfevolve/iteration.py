@@ -29,21 +29,22 @@ import asyncio
 import json
 import logging
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from envs.rollout import LIMIT_NOTICES
+from envs.search_client import EMPTY_QUERY_ERROR, QUERY_TOO_LONG_ERROR
+from masksearch_rl.cot import pipeline as cot  # module attributes: tests patch cot.label_answer
 from masksearch_rl.jsonl import BadLines, ErrorLog, ResumableJsonlWriter, atomic_path, iter_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 FINISH_TO_STATUS = {"answer": None, "search_limit": "max_turns", "length": "max_turns", "no_tag": "parse_error"}
-# Turn.search_error values that envs.search_client sets for the policy's own bad queries; with envs.rollout's
-# LIMIT_NOTICES they are the policy's moves, and any other search error is a failed search backend.
-QUERY_ERRORS = {"empty query": "empty_query", "query too long": "query_too_long"}
+# Turn.search_error values that envs.search_client sets for the policy's own bad queries (-> the record's format);
+# with envs.rollout's LIMIT_NOTICES they are the policy's moves, and any other search error is a failed backend.
+QUERY_ERRORS = {EMPTY_QUERY_ERROR: "empty_query", QUERY_TOO_LONG_ERROR: "query_too_long"}
 
 
 @dataclass
@@ -109,20 +110,19 @@ async def teacher_record(task: Any, policy: Any, search: Any, judge: Any, config
     about the outage than about the teacher, so it is retried rather than recorded.
     """
     from envs.rollout import run_episode
-    from masksearch_rl.cot.pipeline import BackendFailure, label_answer
     from reward.format import check_format
 
     episode = await run_episode(policy, search, list(task.prompt), config.max_turns, config.max_new_tokens)
     if episode.finish == "policy_error":
-        raise BackendFailure(f"teacher: {'; '.join(episode.errors)}")
+        raise cot.BackendFailure(f"teacher: {'; '.join(episode.errors)}")
     failed_searches = [t.search_error for t in episode.turns
                        if t.search_error and t.search_error not in LIMIT_NOTICES and t.search_error not in QUERY_ERRORS]
     if failed_searches:
-        raise BackendFailure(f"search: {failed_searches[0]} ({len(failed_searches)} failed search(es))")
+        raise cot.BackendFailure(f"search: {failed_searches[0]} ({len(failed_searches)} failed search(es))")
     status = FINISH_TO_STATUS[episode.finish]
     judged, reason = None, f"finish={episode.finish}"
     if status is None:
-        score, judged = await label_answer(judge, task, episode.answer or "", config.judge_fallback)
+        score, judged = await cot.label_answer(judge, task, episode.answer or "", config.judge_fallback)
         status = "correct" if score >= config.min_judge_score else "wrong"
         reason = "" if status == "correct" else f"judged {score:.2f} < {config.min_judge_score}"
     result = check_format(episode.raw, num_masks=task.num_masks)
@@ -146,7 +146,6 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from envs.rollout import ChatPolicy, make_search_env
-    from masksearch_rl.cot.pipeline import BackendFailure
     from masksearch_rl.llm import LLMClient, LLMConfig
     from reward.judge import JUDGE_LLM_DEFAULTS, Judge
 
@@ -170,20 +169,8 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
 
     async def one(task) -> None:
         async with semaphore:
-            try:
-                record = await teacher_record(task, policy, search, judge, config)
-                written = writer.write(record)
-            except BackendFailure as err:
-                run["backend_error"] += 1
-                errors.add(task.id, "backend", str(err))
-                return
-            except Exception as err:  # one task's bug must not end the iteration; retried next run
-                logger.exception("self-evolve task %s failed", task.id)
-                run["task_error"] += 1
-                errors.add(task.id, "task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
-                return
-            if written:
-                _count(run, record)
+            await cot.build_and_write(task, lambda: teacher_record(task, policy, search, judge, config), writer, errors,
+                                  run, _count)
 
     try:
         with errors, writer:  # the writer closes (fsync) first, then the error log is pruned against it
@@ -228,12 +215,10 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
 
 
 def _count(counts: Counter, record: dict[str, Any]) -> None:
-    """Add one teacher record to ``counts`` (used for this run's records and to recount the whole file)."""
-    counts["records"] += 1
-    counts[str(record.get("status"))] += 1
-    counts["kept"] += bool(record.get("keep"))
+    """Add one teacher record to ``counts`` (this run's records and the whole file's recount): ``cot build``'s
+    counts plus ``format_rejected``, judged correct but not kept for its format."""
+    cot.count_record(counts, record)
     counts["format_rejected"] += record.get("status") == "correct" and record.get("format", "ok") != "ok"
-    counts["judged_by_fallback"] += bool((record.get("judge") or {}).get("fallback"))
 
 
 def _named(counts: Counter) -> dict[str, int]:
