@@ -185,6 +185,14 @@ def truncate_to_budget(text: str, max_tokens: int, tokenizer: Any | None = None)
     return kept.rstrip("\ufffd") + marker
 
 
+def results_text(hits: list[Hit], max_tokens: int, tokenizer: Any | None = None) -> str:
+    """What the policy reads for ``hits``: the formatted results cut to ``max_tokens`` (tokens of ``tokenizer``,
+    else words), or the no-results notice. The one rendering for the RL env, the oracle and the CoT agents."""
+    if not hits:
+        return SEARCH_NO_RESULTS
+    return truncate_to_budget(format_hits(hits), max_tokens, tokenizer)
+
+
 # --------------------------------------------------------------------------------------------------- search
 async def search_once(
     query: Any, settings: SearchSettings, backend: SearchBackend, tokenizer: Any | None = None,
@@ -215,10 +223,8 @@ async def search_once(
         logger.exception("search backend %s raised", backend.name)
         return _failed(type(err).__name__, f"{backend.name}: {type(err).__name__}: {err}", started)
     latency = time.perf_counter() - started
-    if not hits:
-        return SearchOutcome(SEARCH_NO_RESULTS, called_backend=True, latency_s=latency)
-    text = truncate_to_budget(format_hits(hits), budget, tokenizer)
-    return SearchOutcome(text, called_backend=True, latency_s=latency, num_hits=len(hits))
+    return SearchOutcome(results_text(hits, budget, tokenizer), called_backend=True, latency_s=latency,
+                         num_hits=len(hits))
 
 
 def _failed(reason: str, detail: str, started: float) -> SearchOutcome:

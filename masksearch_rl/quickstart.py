@@ -250,7 +250,7 @@ def stage_rl(index_dir: Path, model_dir: Path, cfg: QuickstartConfig) -> dict:
     ]
     if env["VERL_PLATFORM"] != "cpu":
         overrides.append("trainer.device=cuda")
-    log_path = index_dir.parent / "rl" / "server.log"
+    log_path = rl_dir / "server.log"
     cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", str(index_dir)]
     with open(log_path, "w") as log, ServerProcess(cmd, log=log) as server:
         overrides.append(f"search_env.backend.url={server.url}")

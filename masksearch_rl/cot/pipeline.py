@@ -43,7 +43,7 @@ from typing import Any
 
 from envs.prompts import answer_block, information_block
 from envs.rollout import Segment, transcript_messages
-from envs.search_client import SearchSettings, format_hits, shared_backend, truncate_to_budget
+from envs.search_client import SearchSettings, results_text, shared_backend
 from masksearch_rl.cot import agents
 from masksearch_rl.jsonl import BadLines, ErrorLog, ResumableJsonlWriter, atomic_path, iter_jsonl
 from masksearch_rl.llm import LLMClient, LLMConfig, LLMError
@@ -124,11 +124,7 @@ async def merged_search(
                 seen.add(hits[rank].id)
                 merged.append(hits[rank])
     merged = merged[:max_docs]
-    if not merged:
-        from envs.prompts import SEARCH_NO_RESULTS
-
-        return SEARCH_NO_RESULTS, []
-    return truncate_to_budget(format_hits(merged), settings.max_info_tokens), merged
+    return results_text(merged, settings.max_info_tokens), merged
 
 
 # ----------------------------------------------------------------------------------------------------- judge

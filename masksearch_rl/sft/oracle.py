@@ -34,14 +34,13 @@ from typing import Any
 from envs.prompts import (
     MASK_TOKEN,
     RAMP_INSTRUCTION,
-    SEARCH_NO_RESULTS,
     answer_block,
     information_block,
     mask_count_phrase,
     ramp_messages,
 )
 from envs.rollout import Segment, transcript_messages
-from envs.search_client import format_hits, truncate_to_budget
+from envs.search_client import results_text
 from masksearch_rl.jsonl import BadLines, atomic_path, write_jsonl
 from masksearch_rl.retrieval.types import Hit, Retriever
 
@@ -143,8 +142,7 @@ def build_trajectory(
         else:
             thought = (rng.choice(FIRST_THOUGHTS) if attempt == 0 else RETRY_THOUGHT).format(**words)
         segments.append(Segment("policy", f"<think> {thought} </think>\n<search> {query} </search>"))
-        text = truncate_to_budget(format_hits(hits), config.max_info_tokens, tokenizer) if hits else SEARCH_NO_RESULTS
-        segments.append(Segment("info", information_block(text)))
+        segments.append(Segment("info", information_block(results_text(hits, config.max_info_tokens, tokenizer))))
         rank = source_rank(item, hits)
     if config.wording == "fixed":
         final = FIXED_THOUGHTS["found" if rank is not None else "not_found"].format(count=mask_count_phrase(n))

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -203,29 +204,28 @@ def probe_format(
 
     Each rollout: the RAMP prompt with the generation prompt; the model writes until ``</search>``, ``</answer>``
     or EOS; a search is answered from the real index with the environment's own formatting
-    (``information_block(truncate_to_budget(format_hits(hits)))``) appended as raw tokens; repeat. The decoded
+    (``information_block(results_text(hits))``) appended as raw tokens; repeat. The decoded
     response (special tokens kept, as verl decodes it) is scored with ``reward.format.check_format``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from envs.prompts import (
-        ANSWER_CLOSE,
         RAMP_INSTRUCTION,
         SEARCH_CLOSE,
-        SEARCH_NO_RESULTS,
+        STOP_STRINGS,
         information_block,
+        parse_query,
         ramp_messages,
         tokens_through_stop,
     )
-    from envs.search_client import format_hits, truncate_to_budget
+    from envs.search_client import results_text
     from masksearch_rl.retrieval.index import load_index
     from reward.format import check_format
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     retriever = load_index(index_dir)
-    stops = [SEARCH_CLOSE, ANSWER_CLOSE]
     torch.manual_seed(config.seed)
     sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0} \
         if config.temperature > 0 else {"do_sample": False}
@@ -242,7 +242,7 @@ def probe_format(
             budget = min(config.max_turn_tokens, config.response_length - len(response_ids))
             with torch.no_grad():
                 out = model.generate(torch.tensor([context_ids]), max_new_tokens=budget, **sampling,
-                                     stop_strings=stops, tokenizer=tokenizer,
+                                     stop_strings=STOP_STRINGS, tokenizer=tokenizer,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             new_ids = out[0, len(context_ids):].tolist()
             keep, stop = tokens_through_stop(new_ids, tokenizer)
@@ -252,14 +252,13 @@ def probe_format(
                 break
             searches += 1
             turn_text = tokenizer.decode(new_ids[:keep])
-            query = turn_text.rsplit("<search>", 1)[-1].split(SEARCH_CLOSE)[0].strip()
+            query = parse_query(turn_text)
             hits = retriever.search([query], config.topk)[0] if query else []
-            text = truncate_to_budget(format_hits(hits), config.max_info_tokens, tokenizer) if hits else \
-                SEARCH_NO_RESULTS
-            block = information_block(text)
-            response_ids += tokenizer.encode(block, add_special_tokens=False)
+            block = information_block(results_text(hits, config.max_info_tokens, tokenizer))
+            block_ids = tokenizer.encode(block, add_special_tokens=False)
+            response_ids += block_ids
             if config.layout == "continue":
-                context_ids += tokenizer.encode(block, add_special_tokens=False)
+                context_ids += block_ids
             else:
                 turns += [{"role": "assistant", "content": turn_text.strip()},
                           {"role": "tool", "content": block.strip()}]
@@ -270,8 +269,6 @@ def probe_format(
         results.append({"id": item["id"], "ok": result.ok, "reason": result.reason.label,
                         "num_searches": result.num_searches, "answer": result.answer, "response": response[:600]})
     ok = sum(r["ok"] for r in results)
-    reasons: dict[str, int] = {}
-    for r in results:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    reasons = dict(Counter(r["reason"] for r in results))
     return {"prompts": len(results), "well_formed": ok, "well_formed_rate": ok / max(1, len(results)),
             "reasons": reasons, "examples": results[:3]}
