@@ -199,13 +199,13 @@ def _logged_in() -> bool:
     return base in hosts
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts to ``a/b`` keys (W&B charts want flat keys); None values dropped."""
+def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = "/") -> list[tuple[str, Any]]:
+    """Nested dicts to ``a/b`` keys (W&B charts want flat keys; ``sep`` joins them); None values dropped."""
     flat: list[tuple[str, Any]] = []
     for key, value in values.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            flat += flatten(value, name)
+            flat += flatten(value, name, sep)
         elif value is not None:
             flat.append((name, value))
     return flat

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from masksearch_rl.jsonl import atomic_path
+from masksearch_rl.tracking import flatten
 
 if TYPE_CHECKING:
     from masksearch_rl.eval.runner import EvalConfig
@@ -57,17 +58,8 @@ def fingerprint(config: EvalConfig) -> dict[str, Any]:
         "search": asdict(SearchSettings.from_mapping(config.search)),
         "judge": asdict(LLMConfig.from_dict({**JUDGE_LLM_DEFAULTS, **config.judge})) if config.judge else None,
     }
-    return json.loads(json.dumps(dict(_flat(settings)), default=str))
-
-
-def _flat(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    flat: list[tuple[str, Any]] = []
-    for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if key in TRANSPORT_KEYS or value is None:
-            continue
-        flat += _flat(value, name) if isinstance(value, Mapping) else [(name, value)]
-    return flat
+    flat = {name: value for name, value in flatten(settings, sep=".") if name.rpartition(".")[2] not in TRANSPORT_KEYS}
+    return json.loads(json.dumps(flat, default=str))
 
 
 def check_fingerprint(out_dir: str | Path, current: Mapping[str, Any], *, resuming: bool,

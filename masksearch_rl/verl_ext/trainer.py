@@ -119,6 +119,7 @@ class MaskSearchPPOTrainer(PPOTrainerSync):
         import wandb
 
         from masksearch_rl.eval.trajectories import trajectory_rows
+        from masksearch_rl.tracking import WandbTracker
 
         if wandb.run is None or not live:
             return
@@ -142,4 +143,5 @@ class MaskSearchPPOTrainer(PPOTrainerSync):
                 **{k: v for k, v in reward_info.items() if isinstance(v, (int, float, str, bool))},
             })
         columns, table_rows = trajectory_rows(records)
-        wandb.log({"trajectories/train": wandb.Table(columns=columns, data=table_rows)}, step=self.global_steps)
+        # verl's own W&B run, through our tracker's table logging (the cell conversion every other table gets).
+        WandbTracker(wandb.run).log_table("trajectories/train", columns, table_rows, step=self.global_steps)
