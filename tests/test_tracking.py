@@ -4,6 +4,7 @@ without a key fails with a clear message. Also the eval logging and verl's dumps
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,6 @@ def test_data_generation_commands_log_offline(monkeypatch, tmp_path):
     ramp = tables["items"]
     assert [row[ramp["columns"].index("id")] for row in ramp["data"]] == [r["id"] for r in read_jsonl(items)]
     assert all("[mask]" in row[ramp["columns"].index("query")] for row in ramp["data"])
+    k_table = tables["k_histogram"]  # the realized k (masks per item) over the output
+    assert k_table["columns"] == ["k", "items", "share"]
+    assert {row[0]: row[1] for row in k_table["data"]} == dict(Counter(r["num_masks"] for r in read_jsonl(items)))

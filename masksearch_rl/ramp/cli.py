@@ -33,7 +33,13 @@ def generate_command(
     llm_cache_dir: Optional[str] = typer.Option(
         None, "--llm-cache-dir", help="On-disk response cache (default: next to --out)."
     ),
-    k_dist: str = typer.Option("paper", "--k-dist", help="paper | uniform | weights for k=1.. e.g. 0.4,0.3,0.2,0.1"),
+    k_dist: str = typer.Option(
+        "paper",
+        "--k-dist",
+        help="Spans masked per passage: paper (= uniform: k uniform on 1..min(--max-masks, candidates), as the "
+        "paper draws it) | max_available (the authors' script: as many as there are, up to 4) | weights for k=1.. e.g. "
+        "0.4,0.3,0.2,0.1",
+    ),
     weighting: str = typer.Option("paper", "--weighting", help="paper (longer spans, numbers favoured) | uniform"),
     max_masks: int = typer.Option(4, "--max-masks"),
     instruction: Optional[str] = typer.Option(
@@ -104,9 +110,11 @@ def generate_command(
                    "ramp-generate",
                    options) as tracker:
         summary = generate_ramp(config)
+        k_rows = _k_rows(summary["totals"]["mask_histogram"])
         tracker.summary({"run": summary["run"], "totals": summary["totals"]})
         if tracker.enabled:
             tracker.log_table("ramp/items", ["id", "query", "masks", "num_masks"], _sample_items(out, 20))
+            tracker.log_table("ramp/k_histogram", K_COLUMNS, k_rows)
     run, totals = summary["run"], summary["totals"]
     typer.echo(
         json.dumps(
@@ -127,6 +135,7 @@ def generate_command(
             ensure_ascii=False,
         )
     )
+    _print_k_histogram(k_rows)
     if run["llm_errors"]:
         typer.echo(f"{run['llm_errors']} passages failed at the endpoint and were left for a re-run.", err=True)
     if run["stopped"]:
@@ -144,6 +153,9 @@ def export_command(
         None, "--agent-name", help="Row agent_name (default: our tag agent loop)."
     ),
     tool_name: str = typer.Option("search", "--tool-name", help="Key under extra_info.tools_kwargs."),
+    hide_source: bool = typer.Option(
+        False, "--hide-source", help="Hide each item's source passage from its episode's searches."
+    ),
 ) -> None:
     """Export RAMP items to verl RL parquet (seeded train/val split by passage id)."""
     from envs.prompts import TAG_AGENT_NAME
@@ -151,12 +163,36 @@ def export_command(
 
     try:
         config = ExportConfig(
-            val_fraction=val_fraction, seed=seed, agent_name=agent_name or TAG_AGENT_NAME, tool_name=tool_name
+            val_fraction=val_fraction, seed=seed, agent_name=agent_name or TAG_AGENT_NAME, tool_name=tool_name,
+            hide_source=hide_source,
         )
         result = export_parquet(items, out_dir, config)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     typer.echo(json.dumps(result, indent=2))
+
+
+K_COLUMNS = ["k", "items", "share"]
+
+
+def _k_rows(histogram: dict[str, int]) -> list[list]:
+    """[k, items, share] rows of a mask-count histogram (JSON keys are strings), in order of k."""
+    total = sum(histogram.values())
+    return [[int(k), n, round(n / total, 4)] for k, n in sorted(histogram.items(), key=lambda kv: int(kv[0]))]
+
+
+def _print_k_histogram(rows: list[list]) -> None:
+    """The realized k over the output file, on stderr (stdout stays JSON): a skewed k starves curriculum stages."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="masks per item (k), all items", title_justify="left")
+    for column in K_COLUMNS:
+        table.add_column(column, justify="right")
+    table.add_column("")
+    for k, items, share in rows:
+        table.add_row(str(k), f"{items:,}", f"{share:.1%}", "\u2588" * round(share * 40))
+    Console(stderr=True).print(table)
 
 
 def _sample_items(path: str, n: int) -> list[list]:

@@ -9,7 +9,7 @@ Two extractors sit behind one small :class:`SpanExtractor` protocol:
   the reply as JSON (never eval) and reports replies that don't parse instead of crashing.
 
 Extractors only *propose* spans; :func:`masksearch_rl.ramp.masking.validate_candidates` decides which proposals
-are usable (they occur exactly once, on word boundaries, not at the passage start).
+are usable (they occur exactly once, on word boundaries, within one sentence, not at the passage start).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from masksearch_rl.corpus.passage import Passage
+from masksearch_rl.ramp.sentences import crosses_sentence, sentence_starts
 
 if TYPE_CHECKING:
     from masksearch_rl.llm import LLMClient
@@ -96,6 +97,7 @@ _QUOTED = re.compile(
 _UPPER = "A-Z\u00c0-\u00d6\u00d8-\u00de"
 _CAP_WORD = rf"[{_UPPER}](?:\.(?:[A-Z]\.)+|[\w'\u2019-]*)"  # "Paris", "O'Neill", "Jean-Paul", "U.S."
 _INITIAL = r"[A-Z]\."  # "Charles E. Merriam"
+_ENDS_WITH_INITIAL = re.compile(r"\s[A-Z]\.$")
 _CONNECTOR = r"(?:of|the|for|de|del|della|der|den|di|da|du|des|la|le|van|von|y|bin|al)"
 _NAME = re.compile(rf"{_CAP_WORD}(?:(?:\s+{_CONNECTOR}|\s+{_INITIAL})*\s+[{_UPPER}](?:\.(?:[A-Z]\.)+|[\w'\u2019-]*))*")
 _CONNECTOR_WORD = re.compile(_CONNECTOR)
@@ -162,7 +164,12 @@ class OfflineExtractor:
             inner = match.group(1) or match.group(2)
             start = match.start()
             opens = match.group(2) or (_starts_word(text, start) and text[start - 1 : start] != '"')
-            if opens and len(inner.split()) <= _MAX_QUOTED_WORDS:
+            inner_start = match.start(1) if match.group(1) else match.start(2)
+            if (
+                opens
+                and len(inner.split()) <= _MAX_QUOTED_WORDS
+                and not crosses_sentence(text, inner_start, inner_start + len(inner))
+            ):
                 add(inner, "title")
         for name in _names(text):
             add(name, "name")
@@ -176,28 +183,48 @@ class OfflineExtractor:
 
 
 def _names(text: str) -> list[str]:
-    """Capitalised names, as written in the text. Leading function words ("The", "In", ...) are dropped; a single
-    word counts only when it does not start a sentence (it may be capitalised just because of its position)."""
+    """Capitalised names, as written in the text. A match that runs over a sentence end ("D.C. He") is cut there;
+    leading function words ("The", "In", ...) are dropped; a single word counts only when it does not start a
+    sentence (it may be capitalised just because of its position)."""
     names = []
     for match in _NAME.finditer(text):
         start, end = match.span()
         if start and not _starts_word(text, start):
             continue
-        words = match.group(0).split()
-        if words[0] in _NOT_NAMES:
-            while words and (words[0] in _NOT_NAMES or _CONNECTOR_WORD.fullmatch(words[0])):
-                start = text.index(words[1], start + len(words[0])) if len(words) > 1 else end
-                words.pop(0)
-            if not words:
-                continue
-        last = words[-1]
-        if last[-1] in "'\u2019s-":
-            trimmed = _POSSESSIVE.sub("", last).rstrip("-")
-            end -= len(last) - len(trimmed)
-        if end - start < 2 or (len(words) == 1 and _sentence_initial(text, start)):
-            continue
-        names.append(text[start:end])
+        pieces = _sentence_pieces(text, start, end) if crosses_sentence(text, start, end) else [(start, end)]
+        for piece_start, piece_end in pieces:
+            if piece_end < end and _ENDS_WITH_INITIAL.search(text, piece_start, piece_end):
+                piece_end -= 1  # "World War I." before a new sentence: the period ends the sentence
+            name = _clean_name(text, piece_start, piece_end)
+            if name:
+                names.append(name)
     return names
+
+
+def _sentence_pieces(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """``text[start:end]`` cut at the sentence starts inside it, each piece without its trailing spaces."""
+    cuts = [start, *(b for b in sentence_starts(text) if start < b < end), end]
+    return [(a, a + len(text[a:b].rstrip())) for a, b in zip(cuts, cuts[1:])]
+
+
+def _clean_name(text: str, start: int, end: int) -> str | None:
+    """The name in ``text[start:end]`` (one name-regex match, or the part of one inside a sentence), or None."""
+    words = text[start:end].split()
+    if not words:
+        return None
+    if words[0] in _NOT_NAMES:
+        while words and (words[0] in _NOT_NAMES or _CONNECTOR_WORD.fullmatch(words[0])):
+            start = text.index(words[1], start + len(words[0])) if len(words) > 1 else end
+            words.pop(0)
+        if not words:
+            return None
+    last = words[-1]
+    if last[-1] in "'\u2019s-":
+        trimmed = _POSSESSIVE.sub("", last).rstrip("-")
+        end -= len(last) - len(trimmed)
+    if end - start < 2 or (len(words) == 1 and _sentence_initial(text, start)):
+        return None
+    return text[start:end]
 
 
 def _sentence_initial(text: str, start: int) -> bool:

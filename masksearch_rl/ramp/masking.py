@@ -2,7 +2,8 @@
 
 The invariants every item satisfies (tests check them on real and random passages):
 
-* each mask occurs exactly once in the passage, on word boundaries, not at the very start, and masks never overlap;
+* each mask occurs exactly once in the passage, on word boundaries, within one sentence, not at the very start, and
+  masks never overlap;
 * masks are listed in order of appearance and drawn without replacement;
 * ``num_masks == len(masks) == query.count("[mask]")``;
 * putting the masks back into the ``[mask]`` slots in order gives the passage exactly.
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 
 from envs.prompts import MASK_TOKEN, RAMP_INSTRUCTION
 from masksearch_rl.ramp.extractors import Span, detect_language, is_cjk
+from masksearch_rl.ramp.sentences import crosses_sentence
 
-K_DISTRIBUTIONS = ("paper", "uniform")
+K_DISTRIBUTIONS = ("paper", "uniform", "max_available")
 WEIGHTINGS = ("paper", "uniform")
 
 
@@ -30,9 +32,11 @@ WEIGHTINGS = ("paper", "uniform")
 class MaskingConfig:
     """How many spans to mask and which.
 
-    ``k_dist``: ``"paper"`` (the authors' rule: 1 candidate -> 1, 2 -> 1 or 2, 3 -> 3, 4+ -> 4, i.e. as many as
-    available up to ``max_masks``), ``"uniform"`` (k uniform over 1..min(max_masks, candidates)), or explicit
-    weights for k = 1, 2, ... such as ``"0.4,0.3,0.2,0.1"`` (renormalised over the feasible k).
+    ``k_dist``: ``"paper"`` (the default; the paper draws k at random, 0 < k < 5: k uniform over
+    1..min(max_masks, candidates), so every curriculum stage gets data), ``"uniform"`` (the same rule under its
+    plain name), ``"max_available"`` (the rule in the authors' script: 1 candidate -> 1, 2 -> 1 or 2, 3 -> 3,
+    4+ -> 4, i.e. as many as available up to ``max_masks``; on Wikipedia ~80% of items then have k = 4), or
+    explicit weights for k = 1, 2, ... such as ``"0.4,0.3,0.2,0.1"`` (renormalised over the feasible k).
     ``weighting``: ``"paper"`` (longer spans more likely: weight = words, or characters for Chinese; numbers get the
     largest weight) or ``"uniform"``. PPL masking (see ppl.py) replaces sampling by hardest-first selection.
     """
@@ -62,7 +66,7 @@ def parse_k_weights(spec: str) -> list[float]:
         weights = [float(part) for part in spec.split(",")]
     except ValueError:
         raise ValueError(
-            f"k_dist must be 'paper', 'uniform' or comma-separated weights for k=1,2,..., got {spec!r}"
+            f"k_dist must be one of {K_DISTRIBUTIONS} or comma-separated weights for k=1,2,..., got {spec!r}"
         ) from None
     if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"k_dist weights must be non-negative with a positive sum, got {spec!r}")
@@ -141,6 +145,8 @@ def validate_candidates(
                 rejects["repeated_in_passage"] += 1
             elif not on_word_boundaries(text, starts[0], starts[0] + len(value)):
                 rejects["partial_word"] += 1
+            elif crosses_sentence(text, starts[0], starts[0] + len(value)):
+                rejects["crosses_sentence"] += 1  # "D.C. He": the end of one sentence and the start of the next
             elif starts[0] <= first_visible:
                 rejects["at_passage_start"] += 1  # a passage must not start with [mask]
             else:
@@ -165,10 +171,10 @@ def choose_k(n_candidates: int, config: MaskingConfig, rng: random.Random) -> in
     top = min(n_candidates, config.max_masks)
     if top <= 0:
         return 0
-    if config.k_dist == "paper":
-        return rng.randint(1, 2) if top == 2 else top
-    if config.k_dist == "uniform":
+    if config.k_dist in ("paper", "uniform"):
         return rng.randint(1, top)
+    if config.k_dist == "max_available":
+        return rng.randint(1, 2) if top == 2 else top
     weights = (config.k_weights or [])[:top]
     if sum(weights) <= 0:
         return top  # the configured distribution puts no mass on feasible k: mask as many as we can
