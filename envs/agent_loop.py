@@ -26,6 +26,10 @@ Limits:
   block is built to fit what is left (or left out, ending the rollout, when not even its tags fit), and the response
   is truncated to the budget whatever the engine returns.
 
+Hidden passages: a row whose ``extra_info.tools_kwargs.search.create_kwargs`` carries ``exclude`` (``ramp export
+--hide-source``: the item's source passage) has those passages hidden from every search of its episode, as the
+hermes tool hides them (:func:`envs.search_client.row_exclusion`).
+
 Configuration: the top-level ``search_env`` section of the trainer config (:class:`SearchEnvConfig`), e.g.
 ``+search_env.backend.url=http://host:8000 +search_env.topk=3 +search_env.max_turns=4``. verl 0.9.1 does not check
 top-level sections, and every agent loop receives the whole trainer config.
@@ -73,7 +77,14 @@ from envs.prompts import (
     parse_query,
     tokens_through_stop,
 )
-from envs.search_client import SearchSettings, search_once, shared_backend, truncate_to_budget
+from envs.search_client import (
+    SEARCH_TOOL_NAME,
+    SearchSettings,
+    row_exclusion,
+    search_once,
+    shared_backend,
+    truncate_to_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +192,8 @@ class MaskSearchAgentLoop(AgentLoopBase):
     @rollout_trace_op
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
+        tool_kwargs = (kwargs.get("tools_kwargs") or {}).get(SEARCH_TOOL_NAME) or {}
+        exclusion = row_exclusion(tool_kwargs.get("create_kwargs"))
         request_id = uuid4().hex  # one id for all turns: sticky routing, prefix-cache reuse
         traj = _Trajectory()
         stats = {"model_turns": 0, "env_turns": 0, "search_count": 0, "search_calls": 0, "search_errors": 0,
@@ -231,7 +244,8 @@ class MaskSearchAgentLoop(AgentLoopBase):
                 # The results are first cut to what is left after the block's tags; _information_ids makes it exact.
                 query = parse_query(self.tokenizer.decode(turn_ids))
                 outcome = await search_once(
-                    query, self.env, self.backend, self.tokenizer, max_tokens=max(room - len(self.empty_block), 1)
+                    query, self.env, self.backend, self.tokenizer, max_tokens=max(room - len(self.empty_block), 1),
+                    exclusion=exclusion,
                 )
                 timing["tool_calls"] += outcome.latency_s
                 stats["search_calls"] += int(outcome.called_backend)

@@ -53,6 +53,7 @@ from envs.prompts import (
 )
 from envs.search_client import SearchOutcome, SearchSettings, search_once, shared_backend
 from masksearch_rl.llm import Completion, LLMClient, LLMError
+from masksearch_rl.retrieval.exclusion import SearchExclusion
 from masksearch_rl.retrieval.types import SearchBackend
 
 logger = logging.getLogger(__name__)
@@ -261,8 +262,8 @@ class SearchEnv:
     backend: SearchBackend
     tokenizer: Any | None = None  # budget results in this tokenizer's tokens (else words)
 
-    async def search(self, query: str) -> SearchOutcome:
-        return await search_once(query, self.settings, self.backend, self.tokenizer)
+    async def search(self, query: str, exclusion: SearchExclusion | None = None) -> SearchOutcome:
+        return await search_once(query, self.settings, self.backend, self.tokenizer, exclusion=exclusion)
 
 
 def make_search_env(settings: SearchSettings | dict[str, Any] | None = None, tokenizer: Any | None = None) -> SearchEnv:
@@ -311,12 +312,14 @@ async def run_episode(
     max_turns: int = 4,
     max_new_tokens: int = 1024,
     max_policy_calls: int | None = None,
+    exclusion: SearchExclusion | None = None,
 ) -> Episode:
     """Roll out one episode: generate, answer each ``<search>`` with ``<information>``, stop at ``<answer>``.
 
     ``messages`` is the prompt (system + user; e.g. :func:`envs.prompts.ramp_messages`). ``max_turns`` bounds the
     searches answered, ``max_new_tokens`` each generate call, ``max_policy_calls`` (default ``max_turns + 2``) the
-    generate calls. Never raises for model or search failures; see :class:`Episode`.
+    generate calls. ``exclusion`` hides passages from every search of the episode (a RAMP item's source, as the RL
+    row's ``exclude`` does). Never raises for model or search failures; see :class:`Episode`.
     """
 
     if max_turns < 0:
@@ -361,7 +364,7 @@ async def run_episode(
                 turn.search_error = AFTER_LIMIT_NOTICE
                 episode.finish = FINISH_SEARCH_LIMIT
                 break
-            outcome = await search.search(turn.query)
+            outcome = await search.search(turn.query, exclusion)
             turn.information, turn.search_error = outcome.text, outcome.error
             turn.search_latency_s = outcome.latency_s
     finally:

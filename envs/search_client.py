@@ -32,6 +32,7 @@ from envs.prompts import (
     SEARCH_QUERY_TOO_LONG,
     TRUNCATION_MARKER,
 )
+from masksearch_rl.retrieval.exclusion import SearchExclusion
 from masksearch_rl.retrieval.types import Hit, SearchBackend, SearchError
 
 logger = logging.getLogger(__name__)
@@ -194,14 +195,24 @@ def results_text(hits: list[Hit], max_tokens: int, tokenizer: Any | None = None)
 
 
 # --------------------------------------------------------------------------------------------------- search
+SEARCH_TOOL_NAME = "search"  # the key of our tool in a row's ``tools_kwargs`` (ramp export's ``tool_name``)
+
+
+def row_exclusion(create_kwargs: Mapping[str, Any] | None) -> SearchExclusion | None:
+    """The passages an episode must not find: ``create_kwargs["exclude"]`` of its RL row (``ramp export
+    --hide-source`` writes ``{"ids": [item id], "texts": [source passage]}``), None when the row has none.
+    A malformed one raises ``ValueError``: a data bug must not silently show the policy its answer."""
+    return SearchExclusion.from_json((create_kwargs or {}).get("exclude"))
+
+
 async def search_once(
     query: Any, settings: SearchSettings, backend: SearchBackend, tokenizer: Any | None = None,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, exclusion: SearchExclusion | None = None,
 ) -> SearchOutcome:
     """Search ``query`` and return the text the policy reads; never raises for a bad query or a failed backend.
 
     ``max_tokens`` (default ``settings.max_info_tokens``) lets the caller shrink the budget, e.g. to what is left
-    of the response.
+    of the response. ``exclusion`` hides passages from the results (a RAMP item's source passage).
     """
     budget = settings.max_info_tokens if max_tokens is None else min(max_tokens, settings.max_info_tokens)
     if not isinstance(query, str) or not query.strip():
@@ -212,7 +223,10 @@ async def search_once(
         return SearchOutcome(text, error=QUERY_TOO_LONG_ERROR)
     started = time.perf_counter()
     try:
-        results = await asyncio.wait_for(backend.search([query], settings.topk), settings.search_timeout_s)
+        # Without an exclusion the call is the plain protocol one, which backends predating the option also take.
+        search = backend.search([query], settings.topk) if exclusion is None else \
+            backend.search([query], settings.topk, exclusion)
+        results = await asyncio.wait_for(search, settings.search_timeout_s)
         hits = results[0]
     except asyncio.TimeoutError:
         cause = f"no answer within {settings.search_timeout_s:g} s"

@@ -6,7 +6,9 @@ loop worker (``actor_rollout_ref.rollout.multi_turn.tool_config_path``). It sear
 
 verl 0.9.1 calls, per tool call: ``create(create_kwargs=row's tools_kwargs.search.create_kwargs)``, then
 ``execute(instance_id, parsed_json_arguments, agent_data=...)``, then ``release(instance_id)``. A bad or empty
-query, or a backend failure, comes back as text in the tool response, never as an exception.
+query, or a backend failure, comes back as text in the tool response, never as an exception. ``create_kwargs``
+may carry ``exclude`` (``ramp export --hide-source``): those passages are hidden from the search, as in the tag
+loop (:func:`envs.search_client.row_exclusion`).
 
 Tool ``config`` keys (besides verl's ``type: native``): the fields of
 :class:`~envs.search_client.SearchSettings` and ``tokenizer_path``: the policy's tokenizer (a local path or hub id),
@@ -28,7 +30,8 @@ from uuid import uuid4
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
-from envs.search_client import SearchSettings, search_once, shared_backend
+from envs.search_client import SearchSettings, row_exclusion, search_once, shared_backend
+from masksearch_rl.retrieval.exclusion import SearchExclusion
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +75,19 @@ class SearchTool(BaseTool):
                 "words, not the policy's tokens", self.name, self.settings.max_info_tokens,
             )
         self._instances: dict[str, dict[str, Any]] = {}  # instance id -> the row's create_kwargs
+        self._exclusions: dict[str, SearchExclusion | None] = {}  # instance id -> what the row hides
 
     def get_openai_tool_schema(self) -> OpenAIFunctionToolSchema:
         """The configured schema, or :data:`DEFAULT_SCHEMA` when the YAML has none (verl asks during __init__)."""
         return getattr(self, "tool_schema", None) or OpenAIFunctionToolSchema.model_validate(DEFAULT_SCHEMA)
 
     async def create(self, instance_id: str | None = None, **kwargs: Any) -> tuple[str, ToolResponse]:
-        """One instance per tool call; the row's ``create_kwargs`` (e.g. ``item_id``) are echoed in the metrics."""
+        """One instance per tool call; the row's ``create_kwargs`` (e.g. ``item_id``) are echoed in the metrics,
+        their ``exclude`` is applied to the search."""
         instance_id = instance_id or uuid4().hex
-        self._instances[instance_id] = dict(kwargs.get("create_kwargs") or {})
+        create_kwargs = dict(kwargs.get("create_kwargs") or {})
+        self._exclusions[instance_id] = row_exclusion(create_kwargs)
+        self._instances[instance_id] = create_kwargs
         return instance_id, ToolResponse()
 
     async def execute(
@@ -91,7 +98,8 @@ class SearchTool(BaseTool):
         verl 0.9.1's ToolAgentLoop drops the metrics dict; it is returned for other callers and tests.
         """
         query = parameters.get("query") if isinstance(parameters, dict) else None
-        outcome = await search_once(query, self.settings, self.backend, self.tokenizer)
+        outcome = await search_once(query, self.settings, self.backend, self.tokenizer,
+                                    exclusion=self._exclusions.get(instance_id))
         metrics = {
             "create_kwargs": self._instances.get(instance_id, {}),
             "query": query if isinstance(query, str) else None,
@@ -104,3 +112,4 @@ class SearchTool(BaseTool):
 
     async def release(self, instance_id: str, **kwargs: Any) -> None:
         self._instances.pop(instance_id, None)
+        self._exclusions.pop(instance_id, None)

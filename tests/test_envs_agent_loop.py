@@ -333,6 +333,27 @@ async def test_search_then_answer(base_config, tokenizer, lm, world):
     assert out.metrics.tool_calls == pytest.approx(fields["search_latency_s"], abs=1e-5)
 
 
+async def test_the_rows_exclusion_hides_passages_from_every_search(base_config, tokenizer, lm, world):
+    """A row exported with --hide-source: verl hands its ``tools_kwargs`` to ``run``; each search hides them."""
+    first, second, *_ = world[1].search(["Vyvutyr"], 10)[0]
+    tools_kwargs = {"search": {"create_kwargs": {
+        "item_id": first.id, "exclude": {"ids": [first.id], "texts": [second.text]}}}}
+    turns = ["<search> Vyvutyr </search>", "<search> Vyvutyr capital </search>", "<answer> Kraimadon </answer>"]
+    server = ScriptedServer(lm, tokenizer, {QUESTION: list(turns)})
+    loop = make_loop(with_env(base_config, max_info_tokens=60), server, tokenizer)  # both blocks fit the response
+    out = await loop.run(dict(SAMPLING), raw_prompt=qa_messages(QUESTION), extra_info={}, index=0,
+                         tools_kwargs=tools_kwargs)
+
+    def hidden_info(query: str) -> str:
+        hits = [h for h in world[1].search([query], 10)[0] if h.id != first.id and h.text != second.text][:TOPK]
+        return information_block(truncate_to_budget(format_hits(hits), 60, tokenizer))
+
+    expected = turns[0] + hidden_info("Vyvutyr") + turns[1] + hidden_info("Vyvutyr capital") + turns[2]
+    assert tokenizer.decode(out.response_ids) == expected
+    assert expected_info(world, tokenizer, "Vyvutyr", 60) != hidden_info("Vyvutyr")  # unhidden, the source shows
+    assert out.extra_fields["search_calls"] == 2 and out.extra_fields["search_errors"] == 0
+
+
 @pytest.mark.parametrize(
     "turn1, expected",
     [

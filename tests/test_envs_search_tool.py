@@ -84,6 +84,25 @@ async def test_shipped_yaml_loads_with_verl_and_searches(retrieval_url, retrieve
     assert tool._instances == {}  # released
 
 
+async def test_the_rows_exclusion_hides_passages_from_the_search(retrieval_url, retriever, tmp_path):
+    """A row exported with --hide-source carries create_kwargs.exclude; the tool hides those passages."""
+    tool = tool_from_yaml(tmp_path, backend={"url": retrieval_url})
+    first, second, *_ = retriever.search(["Vyvutyr"], 10)[0]
+    create_kwargs = {"item_id": first.id, "exclude": {"ids": [first.id], "texts": [second.text]}}
+    instance_id, _ = await tool.create(create_kwargs=create_kwargs)
+    try:
+        response, _, metrics = await tool.execute(instance_id, {"query": "Vyvutyr"}, agent_data=None)
+    finally:
+        await tool.release(instance_id)
+    expected = [h for h in retriever.search(["Vyvutyr"], 10)[0] if h.id != first.id and h.text != second.text][:3]
+    assert response.text == format_hits(expected) and metrics["num_hits"] == 3
+    assert first.text not in response.text and second.text not in response.text
+    assert tool._exclusions == {}  # released with the instance
+    # A row without it searches as before.
+    response, _, _ = await call(tool, {"query": "Vyvutyr"})
+    assert response.text == format_hits(retriever.search(["Vyvutyr"], 3)[0])
+
+
 async def test_results_are_cut_to_the_word_budget(retrieval_url, tmp_path, monkeypatch):
     monkeypatch.delenv("MASKSEARCH_POLICY_TOKENIZER", raising=False)
     tool = tool_from_yaml(tmp_path, backend={"url": retrieval_url}, topk=5, max_info_tokens=25)

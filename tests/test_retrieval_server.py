@@ -138,6 +138,12 @@ def test_empty_query_string_is_allowed_like_search_r1(server_url):
         ({"queries": ["x" * 2049]}, "queries.0", "at most 2048 characters"),
         ({"queries": ["x"] * 65}, "queries", "at most 64 items"),
         ({"queries": ["x"], "return_scores": "yes"}, "return_scores", "valid boolean"),
+        ({"queries": ["x"], "exclude": ["doc1"]}, "exclude", "valid dictionary"),
+        ({"queries": ["x"], "exclude": {"ids": "doc1"}}, "exclude.ids", "valid list"),
+        ({"queries": ["x"], "exclude": {"ids": ["doc1", 2]}}, "exclude.ids.1", "valid string"),
+        ({"queries": ["x"], "exclude": {"texts": [" "]}}, "exclude.texts.0", "at least 1 non-whitespace"),
+        ({"queries": ["x"], "exclude": {"text": ["x" * 200]}}, "exclude.text", "Extra inputs are not permitted"),
+        ({"queries": ["x"], "exclude": {"ids": ["x"] * 33}}, "exclude.ids", "at most 32 items"),
     ],
 )
 def test_bad_requests_get_422_naming_field_and_limit(server_url, body, field, message):
@@ -147,6 +153,59 @@ def test_bad_requests_get_422_naming_field_and_limit(server_url, body, field, me
     assert any(e["field"] == field and message in e["msg"] for e in data["errors"]), data
     assert f"{field}: " in data["detail"] and message in data["detail"]
     assert "x" * 100 not in response.text  # the rejected input is not echoed back
+
+
+@pytest.fixture(scope="module")
+def server_with_duplicate_url():
+    """The toy index plus doc 7 again under another id (title changed, text in capitals): an exact duplicate."""
+    toy = ToyRetriever()
+    toy.docs.append(Hit("dup107", format_contents("Copy", "TEXT ABOUT TOPIC7  AND COMMON WORDS"), 0.0))
+    with running_server(create_app(toy, ServerConfig(max_topk=50, max_batch=64))) as url:
+        yield url, toy
+
+
+def test_exclude_hides_the_source_and_its_duplicates_and_keeps_topk(server_with_duplicate_url):
+    url, toy = server_with_duplicate_url
+    body = {"queries": ["topic7 text", "topic3"], "topk": 4, "return_scores": True}
+    plain = httpx.post(f"{url}/retrieve", json=body).json()["result"]
+    assert [h["document"]["id"] for h in plain[0][:2]] == ["doc7", "dup107"]  # the source first, then its copy
+    exclude = {"ids": ["doc7"], "texts": ["text about topic7 and common words"]}
+    hidden = httpx.post(f"{url}/retrieve", json={**body, "exclude": exclude}).json()["result"]
+    assert [len(hits) for hits in hidden] == [4, 4]
+    assert not {"doc7", "dup107"} & {h["document"]["id"] for hits in hidden for h in hits}  # every query of it
+    assert [h["document"]["id"] for h in hidden[0]] == [h.id for h in toy.search(["topic7 text"], 6)[0][2:]]
+    # Without the field the answer is the retriever's own top-k, exactly as before the field existed.
+    expected = [[{"document": {"id": h.id, "contents": h.contents}, "score": h.score} for h in hits]
+                for hits in toy.search(body["queries"], 4)]
+    assert plain == expected
+
+
+async def test_client_sends_exclusion_and_filters_servers_that_ignore_it(server_with_duplicate_url):
+    from masksearch_rl.retrieval.exclusion import SearchExclusion
+
+    exclusion = SearchExclusion(ids=("doc7",), texts=("text about topic7 and common words",))
+    backend = RetrievalServerBackend(server_with_duplicate_url[0])
+    try:
+        hits = (await backend.search(["topic7 text"], 3, exclusion))[0]
+    finally:
+        await backend.aclose()
+    assert len(hits) == 3 and not {"doc7", "dup107"} & {h.id for h in hits}
+
+    ignoring = FastAPI()  # a Search-R1 server: knows nothing of "exclude" and returns the source anyway
+
+    @ignoring.post("/retrieve")
+    async def retrieve(request: dict) -> dict:
+        assert request["exclude"] == {"ids": ["doc7"], "texts": ["text about topic7 and common words"]}
+        return {"result": [[{"document": {"id": "doc7", "contents": "x"}, "score": 2.0},
+                            {"document": {"id": "doc9", "contents": "other"}, "score": 1.0}]]}
+
+    with running_server(ignoring) as url:
+        backend = RetrievalServerBackend(url)
+        try:
+            hits = (await backend.search(["topic7"], 2, exclusion))[0]
+        finally:
+            await backend.aclose()
+    assert [h.id for h in hits] == ["doc9"]
 
 
 def test_health_reports_index_and_counters(server_url):
@@ -539,7 +598,8 @@ def test_parse_retrieve_request_accepts_exactly_the_schema(queries, topk, return
         and ("return_scores" not in body or isinstance(return_scores, bool))
     )
     try:
-        parsed_queries, parsed_topk, parsed_scores = parse_retrieve_request(json.dumps(body).encode(), config)
+        parsed = parse_retrieve_request(json.dumps(body).encode(), config)
+        parsed_queries, parsed_topk, parsed_scores = parsed.queries, parsed.topk, parsed.return_scores
     except InvalidRequest as err:
         assert not valid, (body, err.errors)
         assert err.errors and all(e["field"] and e["msg"] and e["type"] for e in err.errors)
@@ -549,6 +609,7 @@ def test_parse_retrieve_request_accepts_exactly_the_schema(queries, topk, return
     assert parsed_queries == queries
     assert parsed_topk == (3 if body.get("topk") is None else int(topk)) and isinstance(parsed_topk, int)
     assert parsed_scores is body.get("return_scores", False)
+    assert parsed.exclusion is None  # no "exclude" field: nothing hidden, as before the field existed
 
 
 # ---------------------------------------------------------------------------------------------- several workers

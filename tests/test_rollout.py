@@ -108,3 +108,32 @@ def test_limits_errors_and_stop_repair(setup):
     assert close_turn(PolicyReply("<search> q", "length"))[1] is None
     assert close_turn(PolicyReply("x <answer> y </answer> tail <search> z </search>", "stop"))[0] == (
         "x <answer> y </answer>")
+
+
+def test_exclusion_hides_passages_from_every_search_of_the_episode(setup):
+    """What eval and self-evolve would pass for a RAMP item: the hidden passages never reach <information>."""
+    from envs.search_client import results_text
+    from masksearch_rl.retrieval.exclusion import SearchExclusion
+
+    questions, url, llm = setup
+    question = questions[0]
+    hidden = set(question["supporting_ids"])
+    exclusion = SearchExclusion(ids=tuple(hidden))
+
+    async def run():
+        search = make_search_env({"backend": {"type": "server", "url": url}, "topk": 3})
+        client = LLMClient(LLMConfig(base_url=llm.base_url, model="s", api_key_env="ROLLOUT_TEST_KEY", timeout_s=5))
+        episode = await run_episode(ChatPolicy(client), search, qa_messages(question["question"]), max_turns=2,
+                                    exclusion=exclusion)
+        queries = [turn.query for turn in episode.turns if turn.information is not None and not turn.search_error]
+        plain = await search.backend.search(queries, 3)
+        shown = await search.backend.search(queries, 3, exclusion)
+        await close_shared_backends()
+        return episode, plain, shown
+
+    episode, plain, shown = asyncio.run(run())
+    assert episode.turns[0].query == question["oracle_queries"][0] and len(shown) >= 1
+    assert hidden & {h.id for h in plain[0]}  # unhidden, the first hop's passage comes back
+    answered = [turn for turn in episode.turns if turn.information is not None and not turn.search_error]
+    for turn, hits in zip(answered, shown):
+        assert turn.information == results_text(hits, 512) and not hidden & {h.id for h in hits}

@@ -244,6 +244,37 @@ async def test_failures_are_not_cached(fake_url, tmp_path):
     assert len(STATE.calls) == 2
 
 
+SOURCE = ("Vukadrind is the capital of Dovryvru. It was founded in 1733 and at the last census it had 3,215,168 "
+          "inhabitants, most of them in the old town.")
+LIST_KEYS = {"serper": "organic", "serpapi": "organic_results", "google_cse": "items"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_exclusion_drops_pages_holding_the_source_and_snippets_quoting_it(kind, fake_url):
+    from masksearch_rl.retrieval.exclusion import SearchExclusion
+
+    snippets = [
+        f"Wikipedia mirror. {SOURCE.upper()} See also: Dovryvru.",  # holds the whole passage (case ignored)
+        f"Mar 5, 2021 ... {SOURCE[38:110]} ...",  # quotes 72 characters of it
+        "Dovryvru is a country with a long coast and many islands.",
+        f"{SOURCE[:30]} ...",  # a quote too short to count: kept
+        "Vukadrind hosts a music festival every autumn.",
+    ]
+    STATE.body = {LIST_KEYS[kind]: [{"title": f"page {i}", "link": f"https://example.org/{i}", "snippet": snippet}
+                                    for i, snippet in enumerate(snippets)]}
+    exclusion = SearchExclusion(ids=("0",), texts=(SOURCE,))
+    backend = backend_for(kind, fake_url)
+    try:
+        hidden = (await backend.search(["vukadrind founded"], 3, exclusion))[0]
+        plain = (await backend.search(["vukadrind founded"], 3))[0]
+    finally:
+        await backend.aclose()
+    assert [h.id for h in hidden] == ["https://example.org/2", "https://example.org/3", "https://example.org/4"]
+    assert [h.score for h in hidden] == [pytest.approx(1 / 3), 0.25, 0.2]  # the API's own ranks
+    assert [h.id for h in plain] == [f"https://example.org/{i}" for i in range(3)]  # unchanged without it
+    assert [c["num"] for c in STATE.calls] == [exclusion.fetch_k(3), 3]  # asked for more to keep topk
+
+
 async def test_concurrency_limit_is_respected(fake_url):
     STATE.delay_s = 0.1
     backend = backend_for("serper", fake_url, concurrency=3)

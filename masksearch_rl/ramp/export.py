@@ -8,6 +8,9 @@ validation size is exact and adding items later moves few existing ones. Rows fo
 ``extra_info.tools_kwargs``: Parquet (pyarrow and Hugging Face ``datasets``, which verl loads it with) cannot store
 an empty struct, and verl's tool loop calls ``tools_kwargs.get(tool_name, {})``, so the field must be a non-empty
 mapping. We write ``{tool_name: {"create_kwargs": {"item_id": id}}}``; a tool's ``create(**kwargs)`` ignores it.
+With ``hide_source`` every row's ``create_kwargs`` also carries ``"exclude": {"ids": [id], "texts": [source text]}``
+(:func:`masksearch_rl.ramp.source.source_exclusion`): the agent loop and the search tool hide the item's own source
+passage from every search of the episode. Either every row of an export has the key or none has (one schema).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from envs.prompts import RAMP_INSTRUCTION, TAG_AGENT_NAME, TOOL_AGENT_NAME, ramp_messages
 from masksearch_rl.jsonl import BadLines, atomic_path, iter_jsonl
+from masksearch_rl.ramp.source import source_exclusion
 
 ITEM_FIELDS = ("id", "query", "masks", "num_masks")
 
@@ -32,6 +36,7 @@ class ExportConfig:
     ability: str = "ramp"
     agent_name: str = TAG_AGENT_NAME
     tool_name: str = "search"
+    hide_source: bool = False  # hide each item's source passage from its episode's searches (module docstring)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -51,6 +56,9 @@ def item_to_row(item: dict, index: int, split: str, config: ExportConfig) -> dic
     masks = [str(m) for m in item["masks"]]
     if item["num_masks"] != len(masks):
         raise ValueError(f"item {item['id']!r}: num_masks={item['num_masks']} but {len(masks)} masks")
+    create_kwargs: dict[str, Any] = {"item_id": str(item["id"])}
+    if config.hide_source:
+        create_kwargs["exclude"] = source_exclusion(item).to_json()
     return {
         "data_source": config.data_source,
         "prompt": ramp_messages(
@@ -59,13 +67,17 @@ def item_to_row(item: dict, index: int, split: str, config: ExportConfig) -> dic
             tool_variant=config.agent_name == TOOL_AGENT_NAME,
         ),
         "ability": config.ability,
-        "reward_model": {"style": "rule", "ground_truth": {"target": masks, "masks": masks}},
+        # masked_passage: what the prompt shows, with which the reward reads an answer written as the whole passage
+        "reward_model": {
+            "style": "rule",
+            "ground_truth": {"target": masks, "masks": masks, "masked_passage": str(item["query"])},
+        },
         "extra_info": {
             "index": index,
             "id": str(item["id"]),
             "num_masks": int(item["num_masks"]),
             "split": split,
-            "tools_kwargs": {config.tool_name: {"create_kwargs": {"item_id": str(item["id"])}}},
+            "tools_kwargs": {config.tool_name: {"create_kwargs": create_kwargs}},
         },
         "agent_name": config.agent_name,
     }

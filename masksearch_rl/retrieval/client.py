@@ -17,6 +17,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from masksearch_rl.loop_local import LoopLocal
+from masksearch_rl.retrieval.exclusion import SearchExclusion
 from masksearch_rl.retrieval.types import Hit, SearchError
 
 
@@ -64,6 +65,8 @@ class RetrievalServerBackend:
 
     ``url`` is the server's base URL (``http://127.0.0.1:8000``) or the full ``.../retrieve`` URL. Lists longer
     than ``max_queries_per_request`` are split into several requests (the server caps queries per request).
+    An exclusion is sent as the request's ``exclude`` field, and applied again to the answer: a Search-R1 server
+    ignores the field, and the hidden passage must not come back from one either (fewer hits then).
     """
 
     name = "server"
@@ -110,19 +113,25 @@ class RetrievalServerBackend:
     def _resources(self) -> tuple[asyncio.Semaphore, httpx.AsyncClient]:
         return self._per_loop.get()
 
-    async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
+    async def search(
+        self, queries: list[str], topk: int, exclusion: SearchExclusion | None = None
+    ) -> list[list[Hit]]:
         queries = list(queries)
         if not queries:
             return []
         step = self.max_queries_per_request
         chunks = [queries[i : i + step] for i in range(0, len(queries), step)]
         if len(chunks) == 1:
-            return await self._search_chunk(chunks[0], topk)
-        parts = await asyncio.gather(*(self._search_chunk(chunk, topk) for chunk in chunks))
+            return await self._search_chunk(chunks[0], topk, exclusion)
+        parts = await asyncio.gather(*(self._search_chunk(chunk, topk, exclusion) for chunk in chunks))
         return [hits for part in parts for hits in part]
 
-    async def _search_chunk(self, queries: list[str], topk: int) -> list[list[Hit]]:
-        payload = {"queries": queries, "topk": topk, "return_scores": True}
+    async def _search_chunk(
+        self, queries: list[str], topk: int, exclusion: SearchExclusion | None
+    ) -> list[list[Hit]]:
+        payload: dict[str, Any] = {"queries": queries, "topk": topk, "return_scores": True}
+        if exclusion is not None:
+            payload["exclude"] = exclusion.to_json()
         data = await self._post(payload)
         result = data.get("result") if isinstance(data, dict) else None
         if not isinstance(result, list) or len(result) != len(queries):
@@ -130,11 +139,12 @@ class RetrievalServerBackend:
                 f"retrieval server {self.url}: malformed response (expected 'result' with {len(queries)} lists)"
             )
         try:
-            return [[_parse_hit(item) for item in hits] for hits in result]
+            results = [[_parse_hit(item) for item in hits] for hits in result]
         except (KeyError, TypeError, ValueError) as err:
             raise SearchError(
                 f"retrieval server {self.url}: malformed hit in response ({describe_error(err)})"
             ) from err
+        return results if exclusion is None else [exclusion.keep(hits, topk) for hits in results]
 
     async def _post(self, payload: dict[str, Any]) -> Any:
         semaphore, client = self._resources()

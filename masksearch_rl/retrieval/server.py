@@ -4,10 +4,16 @@ Why a server: the index (BM25 matrices, a FAISS index, a dense encoder) is loade
 worker, data generator and evaluator over HTTP, instead of once per process. Requests from concurrent clients are
 merged into batches by :class:`~masksearch_rl.retrieval.batching.MicroBatcher`.
 
-Request: ``{"queries": [str, ...], "topk": int (optional), "return_scores": bool (default false)}``.
+Request: ``{"queries": [str, ...], "topk": int (optional), "return_scores": bool (default false),
+"exclude": {"ids": [str, ...], "texts": [str, ...]} (optional, our extension)}``.
 Response: ``{"result": [[hit, ...] per query]}`` where, as in Search-R1, a hit is
 ``{"document": {"id", "contents"}, "score": float}`` when ``return_scores`` is true and the bare document
 ``{"id", "contents"}`` when it is false.
+
+``exclude`` hides passages from every query of the request (a RAMP item's source passage, so that searching the
+masked text does not return the answer); the rule is :class:`~masksearch_rl.retrieval.exclusion.SearchExclusion`'s.
+The server retrieves ``topk + len(ids) + a margin`` hits, drops the hidden ones and returns at most ``topk``.
+A request without it is answered exactly as before.
 
 Scaling out: ``serve --workers N`` (:func:`serve_workers`) runs N server processes on one port (SO_REUSEPORT: the
 kernel spreads connections over them). Each memory-maps the same index files, so the page cache holds one copy;
@@ -39,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from masksearch_rl.retrieval.batching import BatcherClosed, MicroBatcher
+from masksearch_rl.retrieval.exclusion import ExclusionError, SearchExclusion
 from masksearch_rl.retrieval.types import Retriever
 
 logger = logging.getLogger(__name__)
@@ -52,12 +59,13 @@ class ServerConfig:
     max_topk: int = 50
     max_query_chars: int = 2048
     max_batch: int = 64  # queries per retriever call; also the most queries one request may carry
+    max_exclude: int = 32  # the most ids, and the most texts, one request's ``exclude`` may carry
     batch_wait_ms: float = 2.0
     token_env: str | None = None
     index_kind: str | None = None  # shown by /health; taken from ``retriever.kind`` when unset
 
     def __post_init__(self) -> None:
-        for name in ("default_topk", "max_topk", "max_query_chars", "max_batch"):
+        for name in ("default_topk", "max_topk", "max_query_chars", "max_batch", "max_exclude"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
@@ -85,13 +93,24 @@ class InvalidRequest(ValueError):
         self.errors = errors
 
 
-def parse_retrieve_request(body: bytes, config: ServerConfig) -> tuple[list[str], int, bool]:
-    """``(queries, topk, return_scores)`` of a ``/retrieve`` body, or :class:`InvalidRequest` listing every problem.
+@dataclass(frozen=True)
+class RetrieveRequest:
+    """A valid ``/retrieve`` body; ``exclusion`` is None when the request hides nothing."""
+
+    queries: list[str]
+    topk: int
+    return_scores: bool
+    exclusion: SearchExclusion | None = None
+
+
+def parse_retrieve_request(body: bytes, config: ServerConfig) -> RetrieveRequest:
+    """The :class:`RetrieveRequest` of a ``/retrieve`` body, or :class:`InvalidRequest` listing every problem.
 
     Why by hand, not a pydantic model: building a model per request was a large share of the server's CPU per
-    request, and the schema is three fields. The messages follow pydantic's wording (field and limit named);
-    unknown fields are ignored. An empty query string is allowed (as in Search-R1): an agent's empty
-    ``<search></search>`` gets no hits, not an error.
+    request, and the schema is four fields. The messages follow pydantic's wording (field and limit named);
+    unknown fields are ignored (inside ``exclude`` they are an error: a misspelt key would silently hide nothing).
+    An empty query string is allowed (as in Search-R1): an agent's empty ``<search></search>`` gets no hits, not an
+    error.
     """
     try:
         payload = orjson.loads(body)
@@ -137,9 +156,19 @@ def parse_retrieve_request(body: bytes, config: ServerConfig) -> tuple[list[str]
     return_scores = payload.get("return_scores", False)
     if type(return_scores) is not bool:
         errors.append({"field": "return_scores", "msg": "Input should be a valid boolean", "type": "bool_type"})
+    exclusion = None
+    try:
+        exclusion = SearchExclusion.from_json(payload.get("exclude"))
+    except ExclusionError as err:
+        errors.append({"field": err.path, "msg": err.msg, "type": err.type})
+    for key in ("ids", "texts") if exclusion is not None else ():
+        count = len(getattr(exclusion, key))
+        if count > config.max_exclude:
+            errors.append({"field": f"exclude.{key}", "type": "too_long", "msg": f"List should have at most "
+                           f"{config.max_exclude} items after validation, not {count}"})
     if errors:
         raise InvalidRequest(errors)
-    return queries, int(topk), return_scores
+    return RetrieveRequest(queries, int(topk), return_scores, exclusion)
 
 
 def _json(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
@@ -189,18 +218,21 @@ def create_app(retriever: Retriever, config: ServerConfig | None = None) -> Fast
             return _json(401, {"detail": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"},
                          headers={"WWW-Authenticate": "Bearer"})
         try:
-            queries, topk, return_scores = parse_retrieve_request(await request.body(), config)
+            parsed = parse_retrieve_request(await request.body(), config)
         except InvalidRequest as err:
             # One readable line per problem; the offending input is not echoed back (a query can be megabytes).
             return _json(422, {"detail": str(err), "errors": err.errors})
+        queries, topk, exclusion = parsed.queries, parsed.topk, parsed.exclusion
         try:
-            results = await batcher.search(queries, topk)
+            results = await batcher.search(queries, topk if exclusion is None else exclusion.fetch_k(topk))
         except BatcherClosed as err:
             return _json(503, {"detail": str(err)})
         except Exception as err:  # noqa: BLE001 - the caller gets the cause, the server keeps serving
             logger.exception("retrieval failed for %d queries", len(queries))
             return _json(500, {"detail": f"retriever failed: {type(err).__name__}: {err}"})
-        if return_scores:
+        if exclusion is not None:
+            results = [exclusion.keep(hits, topk) for hits in results]
+        if parsed.return_scores:
             payload = [[{"document": {"id": hit.id, "contents": hit.contents}, "score": float(hit.score)}
                         for hit in hits] for hits in results]
         else:

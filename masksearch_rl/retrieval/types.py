@@ -5,7 +5,8 @@ Two levels:
   *batch* of queries, because batching is where the speed comes from. The server runs it off the event loop.
 - :class:`SearchBackend` is what agents and data generators call: asynchronous, may be remote (our retrieval
   server, Serper, SerpAPI, Google CSE) or a local retriever wrapped with :class:`LocalBackend`.
-Both return one list of :class:`Hit` per query, best first.
+Both return one list of :class:`Hit` per query, best first. A search backend also takes an optional
+:class:`~masksearch_rl.retrieval.exclusion.SearchExclusion`: passages it must not return (a RAMP item's source).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from masksearch_rl.corpus.passage import split_contents
+from masksearch_rl.retrieval.exclusion import SearchExclusion, search_hiding
 
 
 @dataclass
@@ -56,7 +58,10 @@ class SearchBackend(Protocol):
 
     name: str
 
-    async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
+    async def search(
+        self, queries: list[str], topk: int, exclusion: SearchExclusion | None = None
+    ) -> list[list[Hit]]:
+        """Top-``topk`` hits per query; with ``exclusion``, none that it hides (still ``topk`` when possible)."""
         ...
 
     async def aclose(self) -> None:
@@ -75,8 +80,10 @@ class LocalBackend:
     def __init__(self, retriever: Retriever):
         self.retriever = retriever
 
-    async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
-        return await asyncio.to_thread(self.retriever.search, list(queries), topk)
+    async def search(
+        self, queries: list[str], topk: int, exclusion: SearchExclusion | None = None
+    ) -> list[list[Hit]]:
+        return await asyncio.to_thread(search_hiding, self.retriever.search, list(queries), topk, exclusion)
 
     async def aclose(self) -> None:
         return None

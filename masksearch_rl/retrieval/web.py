@@ -32,6 +32,7 @@ from masksearch_rl.retrieval.client import (
     http_retrying,
     read_secret,
 )
+from masksearch_rl.retrieval.exclusion import SearchExclusion
 from masksearch_rl.retrieval.types import Hit, LocalBackend, SearchBackend, SearchError
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,12 @@ class WebSearchConfig:
 
 
 class WebSearchBackend:
-    """A :class:`~masksearch_rl.retrieval.types.SearchBackend` over one web search API; one API call per query."""
+    """A :class:`~masksearch_rl.retrieval.types.SearchBackend` over one web search API; one API call per query.
+
+    With an exclusion, each call asks for :meth:`SearchExclusion.fetch_k` results and the hidden ones are dropped
+    after the cache (which keeps the API's own answer): pages containing the source passage, and snippets quoting
+    at least ``MIN_QUOTE_CHARS`` characters of it (the rule is :meth:`SearchExclusion.excludes`).
+    """
 
     def __init__(self, api: WebApi, config: WebSearchConfig | None = None):
         self.api = api
@@ -213,14 +219,18 @@ class WebSearchBackend:
     def _resources(self) -> tuple[asyncio.Semaphore, AsyncLimiter, httpx.AsyncClient]:
         return self._per_loop.get()
 
-    async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
+    async def search(
+        self, queries: list[str], topk: int, exclusion: SearchExclusion | None = None
+    ) -> list[list[Hit]]:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        outcomes = await asyncio.gather(*(self.search_one(q, topk) for q in queries), return_exceptions=True)
+        num = topk if exclusion is None else exclusion.fetch_k(topk)
+        outcomes = await asyncio.gather(*(self.search_one(q, num) for q in queries), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return list(outcomes)  # type: ignore[arg-type]
+        results: list[list[Hit]] = list(outcomes)  # type: ignore[arg-type]
+        return results if exclusion is None else [exclusion.keep(hits, topk) for hits in results]
 
     async def search_one(self, query: str, topk: int) -> list[Hit]:
         cache_key = (self.name, query, topk)

@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Split seed and wording of the thoughts."),
         limit: int = typer.Option(None, help="Only the first N items."),
         wording: str = typer.Option("varied", help="varied | fixed (one wording, no copied names: tiny models)."),
+        hide_source: bool = typer.Option(False, "--hide-source", help="Hide each item's source passage from its "
+                                         "searches (as `ramp export --hide-source`); found = results state the spans."),
     ) -> None:
         """Oracle trajectories (real search results, gold spans) in the SFT export's message layout."""
         from masksearch_rl.sft.oracle import OracleConfig, write_oracle_sft
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
         config = OracleConfig(topk=topk, max_info_tokens=max_info_tokens, tokenizer=tokenizer,
                               max_searches=max_searches, seed=seed,
                               keep_unfound=keep_unfound, val_fraction=val_fraction, limit=limit,
-                              wording=wording)
+                              wording=wording, hide_source=hide_source)
         summary = write_oracle_sft(ramp, index, out, config)
         summary.pop("config")
         typer.echo(json.dumps(summary, indent=2))
@@ -79,13 +81,16 @@ def register(app: typer.Typer) -> None:
         wording: str = typer.Option("varied", help="varied | fixed (one wording, no copied names: tiny models)."),
         layout: str = typer.Option("rl", help="rl (the RL rollout's token layout) | chat (verl's chat rendering)."),
         probe: int = typer.Option(0, help="Afterwards, greedy RL-style rollouts on this many held-out items."),
+        hide_source: bool = typer.Option(False, "--hide-source", help="Hide each item's source passage from the "
+                                         "oracle's and the probe's searches (as `ramp export --hide-source`)."),
         overrides: list[str] = typer.Argument(None, help="Hydra overrides for recipes/configs/sft/quickstart."),
     ) -> None:
         """Oracle data + verl's SFT trainer (VERL_PLATFORM=cpu) -> a warmed-up HF model dir."""
         from masksearch_rl.sft.oracle import OracleConfig
         from masksearch_rl.sft.warmup import run_sft_warmup
 
-        oracle = OracleConfig(max_info_tokens=max_info_tokens, tokenizer=str(model), wording=wording, seed=seed)
+        oracle = OracleConfig(max_info_tokens=max_info_tokens, tokenizer=str(model), wording=wording, seed=seed,
+                              hide_source=hide_source)
         model_dir = run_sft_warmup(ramp, index, model, out, steps, oracle=oracle, layout=layout,
                                    overrides=list(overrides or []))
         typer.echo(f"warmed-up model: {model_dir}")
@@ -97,5 +102,6 @@ def register(app: typer.Typer) -> None:
 
             val_ids = set(pd.read_parquet(out / "data" / "val.parquet")["id"])
             items = [item for item in read_jsonl(ramp) if str(item["id"]) in val_ids]
-            report = probe_format(model_dir, items, index, ProbeConfig(num_prompts=probe, max_info_tokens=max_info_tokens))
+            probe_config = ProbeConfig(num_prompts=probe, max_info_tokens=max_info_tokens, hide_source=hide_source)
+            report = probe_format(model_dir, items, index, probe_config)
             typer.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))

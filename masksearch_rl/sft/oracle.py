@@ -18,6 +18,14 @@ Queries, tried in order until the source passage is in the top-k: the item's tit
 unmasked entities; the opening words of the masked passage with the masks removed. Each attempt is one round of
 the trajectory (at most ``max_searches``). Deterministic: the same items, index and seed give the same records
 (the wording of the thoughts is drawn per item from ``seed`` and the item id).
+
+``hide_source`` (as ``ramp export --hide-source`` does for RL): the source passage and its duplicates are hidden
+from every search, so it can never be found. The same queries are tried, and an item counts as found once the
+information shown so far (as the policy reads it, budget cuts included) states every masked span, case and spacing
+ignored: other passages carry the facts. The closing thought then says the results state the spans, and no rank is
+recorded (``source_rank`` None). Items whose searches never show every span are not kept (unless ``keep_unfound``)
+and are counted in the summary like any unfound item. Spans are matched as strings: a short span (a year) may
+appear in a passage that says something else about it.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from envs.prompts import (
 from envs.rollout import Segment, transcript_messages
 from envs.search_client import results_text
 from masksearch_rl.jsonl import BadLines, atomic_path, write_jsonl
+from masksearch_rl.ramp.source import source_exclusion, source_text
+from masksearch_rl.retrieval.exclusion import normalize
 from masksearch_rl.retrieval.types import Hit, Retriever
 
 DATA_SOURCE = "ramp"
@@ -61,6 +71,12 @@ FIXED_THOUGHTS = {
     "retry": "The source passage is not in the results. I will search again.",
     "found": "The results contain the source passage. I will fill in the {count} in order.",
     "not_found": "The results do not contain the source passage. I will guess the {count}.",
+}
+# hide_source: the source passage never comes back, so the later thoughts speak of the missing spans (both wordings).
+HIDDEN_THOUGHTS = {
+    "retry": "The results do not give the words for the {count}. I will search again.",
+    "found": "The results give the words for the {count}. I will fill them in in order.",
+    "not_found": "The results do not give the words for the {count}. I will guess them.",
 }
 
 
@@ -84,6 +100,8 @@ class OracleConfig:
     limit: int | None = None
     # "varied": thoughts name the subject, three wordings drawn per item; "fixed": FIXED_THOUGHTS.
     wording: str = "varied"
+    # Hide each item's source passage from its searches, as the RL export's hide_source does (module docstring).
+    hide_source: bool = False
 
     def __post_init__(self) -> None:
         if self.wording not in ("varied", "fixed"):
@@ -110,11 +128,39 @@ def candidate_queries(item: dict[str, Any], max_queries: int) -> list[str]:
 
 def source_rank(item: dict[str, Any], hits: list[Hit]) -> int | None:
     """1-based rank of the item's source passage among ``hits`` (same id, or the same text), None when absent."""
-    passage = " ".join(str(item.get("passage", "")).split())
+    passage = " ".join(source_text(item).split())
     for rank, hit in enumerate(hits, start=1):
         if hit.id == str(item["id"]) or (passage and " ".join(hit.text.split()) == passage):
             return rank
     return None
+
+
+def spans_shown(item: dict[str, Any], information: list[str]) -> bool:
+    """Whether every masked span is written in ``information`` (the result texts shown), case and spacing ignored."""
+    shown = normalize(" ".join(information))
+    return all(normalize(str(mask)) in shown for mask in item["masks"])
+
+
+def evidence(
+    item: dict[str, Any], rounds: list[tuple[str, list[Hit]]], config: OracleConfig, tokenizer: Any | None = None
+) -> tuple[bool, int | None]:
+    """``(found, source_rank)`` after ``rounds``: the source passage's rank in the last round's hits or, with
+    ``hide_source``, whether the information shown so far states every span (no rank then)."""
+    if not config.hide_source:
+        rank = source_rank(item, rounds[-1][1]) if rounds else None
+        return rank is not None, rank
+    shown = [results_text(hits, config.max_info_tokens, tokenizer) for _, hits in rounds]
+    return spans_shown(item, shown), None
+
+
+def search_rounds(retriever: Retriever, items: list[dict[str, Any]], queries: list[str], config: OracleConfig
+                  ) -> list[list[Hit]]:
+    """One batched search, query ``i`` for item ``i``; with ``hide_source`` each item's source is hidden."""
+    if not config.hide_source:
+        return [list(hits) for hits in retriever.search(queries, config.topk)]
+    exclusions = [source_exclusion(item) for item in items]
+    results = retriever.search(queries, max(e.fetch_k(config.topk) for e in exclusions))
+    return [exclusion.keep(list(hits), config.topk) for exclusion, hits in zip(exclusions, results)]
 
 
 def _wording(item_id: str, seed: int) -> random.Random:
@@ -134,28 +180,34 @@ def build_trajectory(
     words = {"title": item.get("title") or "the subject", "n": n, "spans": "spans" if n > 1 else "span",
              "mask_word": "masks" if n > 1 else "mask"}
     rng = _wording(str(item["id"]), config.seed)
+    count = mask_count_phrase(n)
     segments: list[Segment] = []
-    rank = None
     for attempt, (query, hits) in enumerate(rounds):
-        if config.wording == "fixed":
+        if attempt > 0 and config.hide_source:
+            thought = HIDDEN_THOUGHTS["retry"].format(count=count)
+        elif config.wording == "fixed":
             thought = FIXED_THOUGHTS["first" if attempt == 0 else "retry"]
         else:
             thought = (rng.choice(FIRST_THOUGHTS) if attempt == 0 else RETRY_THOUGHT).format(**words)
         segments.append(Segment("policy", f"<think> {thought} </think>\n<search> {query} </search>"))
         segments.append(Segment("info", information_block(results_text(hits, config.max_info_tokens, tokenizer))))
-        rank = source_rank(item, hits)
-    if config.wording == "fixed":
-        final = FIXED_THOUGHTS["found" if rank is not None else "not_found"].format(count=mask_count_phrase(n))
+    found, rank = evidence(item, rounds, config, tokenizer)
+    outcome = "found" if found else "not_found"
+    if config.hide_source:
+        final = HIDDEN_THOUGHTS[outcome].format(count=count)
+    elif config.wording == "fixed":
+        final = FIXED_THOUGHTS[outcome].format(count=count)
     else:
-        final = (FOUND_THOUGHT if rank is not None else NOT_FOUND_THOUGHT).format(rank=rank, **words)
+        final = (FOUND_THOUGHT if found else NOT_FOUND_THOUGHT).format(rank=rank, **words)
     segments.append(Segment("policy", f"<think> {final} </think>\n{answer_block(masks)}"))
     prompt = ramp_messages(str(item["query"]), instruction=item.get("instruction") or RAMP_INSTRUCTION)
     return {
         "id": str(item["id"]),
         "data_source": DATA_SOURCE,
-        "keep": rank is not None or config.keep_unfound,
-        "found": rank is not None,
+        "keep": found or config.keep_unfound,
+        "found": found,
         "source_rank": rank,
+        "hide_source": config.hide_source,
         "queries": [query for query, _ in rounds],
         "num_searches": len(rounds),
         "num_masks": n,
@@ -183,11 +235,12 @@ def oracle_trajectories(
         asking = [i for i in pending if attempt < len(candidates[i])]
         if not asking:
             break
-        results = retriever.search([candidates[i][attempt] for i in asking], config.topk)
+        results = search_rounds(retriever, [items[i] for i in asking], [candidates[i][attempt] for i in asking],
+                                config)
         pending = []
         for i, hits in zip(asking, results):
-            rounds[i].append((candidates[i][attempt], list(hits)))
-            if source_rank(items[i], hits) is None:
+            rounds[i].append((candidates[i][attempt], hits))
+            if not evidence(items[i], rounds[i], config, tokenizer)[0]:
                 pending.append(i)
     return [build_trajectory(item, item_rounds, config, tokenizer) for item, item_rounds in zip(items, rounds)]
 
@@ -198,7 +251,8 @@ def write_oracle_sft(
     """RAMP items + index -> ``out_dir/{trajectories.jsonl, train.parquet, val.parquet, summary.json}``.
 
     Returns the summary: counts, how often the source passage was found (and at which rank / after how many
-    searches), the ids of items whose passage no query retrieved, and the export's counts.
+    searches; with ``hide_source``: how often the results stated every span), the ids of items not found, and the
+    export's counts.
     """
     from masksearch_rl.ramp.export import load_items
     from masksearch_rl.retrieval.index import load_index
@@ -221,7 +275,7 @@ def write_oracle_sft(
         "found": len(found),
         "found_rate": round(len(found) / len(records), 4),
         "kept": sum(r["keep"] for r in records),
-        "source_rank": dict(sorted(Counter(r["source_rank"] for r in found).items())),
+        "source_rank": dict(sorted(Counter(r["source_rank"] for r in found if r["source_rank"]).items())),
         "searches": dict(sorted(Counter(r["num_searches"] for r in records).items())),
         "not_found_ids": [r["id"] for r in records if not r["found"]][:100],
         "duplicates_skipped": duplicates,

@@ -191,6 +191,8 @@ class ProbeConfig:
     # 0: greedy; > 0: sampling at this temperature (the RL rollout samples at 1.0), seeded by ``seed``.
     temperature: float = 0.0
     seed: int = 0
+    # Hide each item's source passage from the probe's searches, as the RL environment does with hide_source.
+    hide_source: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in ("continue", "turns"):
@@ -220,6 +222,8 @@ def probe_format(
         tokens_through_stop,
     )
     from envs.search_client import results_text
+    from masksearch_rl.ramp.source import source_exclusion
+    from masksearch_rl.retrieval.exclusion import search_hiding
     from masksearch_rl.retrieval.index import load_index
     from reward.format import check_format
 
@@ -231,6 +235,7 @@ def probe_format(
         if config.temperature > 0 else {"do_sample": False}
     results = []
     for item in items[: config.num_prompts]:
+        exclusion = source_exclusion(item) if config.hide_source else None
         messages = ramp_messages(item["query"], instruction=item.get("instruction") or RAMP_INSTRUCTION)
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=True)["input_ids"]
@@ -253,7 +258,7 @@ def probe_format(
             searches += 1
             turn_text = tokenizer.decode(new_ids[:keep])
             query = parse_query(turn_text)
-            hits = retriever.search([query], config.topk)[0] if query else []
+            hits = search_hiding(retriever.search, [query], config.topk, exclusion)[0] if query else []
             block = information_block(results_text(hits, config.max_info_tokens, tokenizer))
             block_ids = tokenizer.encode(block, add_special_tokens=False)
             response_ids += block_ids
