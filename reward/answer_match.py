@@ -17,7 +17,12 @@ With several gold aliases every metric takes its own maximum over the aliases (a
 
 RAMP answers list the masked spans in order, ``span 1 | span 2``; :func:`score_spans` scores them position by
 position and averages over the masks. A long answer without any separator is read as the reconstructed passage:
-each gold span is then scored by cover-EM / recall against the whole answer.
+each span is read from where its mask stands (reward/passage_reading.py) and scored like a listed span.
+
+Why RAMP spans (and the RL reward's QA answers) are scored with a *commitment guard*: token recall, the paper's
+metric, pays for every gold token an answer contains, so "Paris Lyon London 1889 Eiffel ..." earns full marks for
+every mask. A span that holds a token its gold lacks earns nothing (:func:`score_answer`'s ``max_extra_tokens``); a
+part of the gold still earns its share of recall. More parts than masks earn nothing either.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from envs.prompts import ANSWER_SEPARATOR
+from reward.passage_reading import read_masked_regions
 
 METRICS = ("em", "f1", "recall", "cover_em")
 
@@ -98,8 +104,14 @@ def _normalized_gold(gold: str) -> _Gold:
     return _Gold(" ".join(tokens), len(tokens), tuple(counts.items()))
 
 
-def _match(pred_norm: str, pred_tokens: list[str], gold: str, word_boundary: bool) -> MatchScores:
-    """The four metrics against one gold answer; ``pred_tokens`` is ``pred_norm.split()``."""
+def _match(
+    pred_norm: str, pred_tokens: list[str], gold: str, word_boundary: bool, max_extra: int | None = None
+) -> MatchScores:
+    """The four metrics against one gold answer; ``pred_tokens`` is ``pred_norm.split()``.
+
+    ``max_extra`` (the commitment guard, see :func:`score_answer`): a prediction with more tokens than that which
+    the gold lacks scores zero on every metric.
+    """
     gold_norm, gold_length, gold_counts = _normalized_gold(gold)
     if pred_norm == gold_norm:
         # Same tokens: overlap = both lengths, so precision = recall = F1 = 1 and the gold is covered.
@@ -109,6 +121,8 @@ def _match(pred_norm: str, pred_tokens: list[str], gold: str, word_boundary: boo
     for token, count in gold_counts:
         found = pred_tokens.count(token)
         same += found if found < count else count
+    if max_extra is not None and (len(pred_tokens) - same > max_extra or not same):
+        return ZERO  # tokens the gold lacks beyond the allowance (a list, padding, a guess beside the answer)
     if not same:
         # Nothing in common (F1 = recall = 0). Covered on token boundaries is impossible then, as the gold's tokens
         # would be common; an empty gold is covered only by an exact match; the plain substring test can pass.
@@ -127,11 +141,13 @@ def _match(pred_norm: str, pred_tokens: list[str], gold: str, word_boundary: boo
     return MatchScores(0.0, f1, recall, cover)
 
 
-def _best_match(pred_norm: str, pred_tokens: list[str], aliases: Sequence[str], word_boundary: bool) -> MatchScores:
+def _best_match(
+    pred_norm: str, pred_tokens: list[str], aliases: Sequence[str], word_boundary: bool, max_extra: int | None = None
+) -> MatchScores:
     """Each metric's maximum over the gold aliases (an already normalised prediction)."""
     if len(aliases) == 1:
-        return _match(pred_norm, pred_tokens, str(aliases[0]), word_boundary)
-    scores = [_match(pred_norm, pred_tokens, str(alias), word_boundary) for alias in aliases]
+        return _match(pred_norm, pred_tokens, str(aliases[0]), word_boundary, max_extra)
+    scores = [_match(pred_norm, pred_tokens, str(alias), word_boundary, max_extra) for alias in aliases]
     if EXACT in scores:
         return EXACT  # every metric is at most 1: the maximum of each column is 1
     return MatchScores(*(max(column) for column in zip(*scores, strict=True)))
@@ -147,8 +163,18 @@ def _aliases(gold: str | Iterable[str]) -> Sequence[str]:
     return aliases
 
 
-def score_answer(prediction: str, gold: str | Iterable[str], *, word_boundary: bool = True) -> MatchScores:
-    """All four metrics of ``prediction`` against one gold answer or a list of aliases (max per metric)."""
+def score_answer(
+    prediction: str, gold: str | Iterable[str], *, word_boundary: bool = True, max_extra_tokens: int | None = None
+) -> MatchScores:
+    """All four metrics of ``prediction`` against one gold answer or a list of aliases (max per metric).
+
+    ``max_extra_tokens`` is the *commitment guard* the RL reward uses: against an alias, a prediction holding more
+    than that many normalised tokens the alias lacks (multiset) scores zero on every metric. Token recall alone pays
+    for every gold token a prediction contains, so a list of candidates earns full recall; with the guard at 0 a
+    prediction earns recall only for a part of the gold it commits to ("Eiffel" for "Gustave Eiffel": 0.5), and
+    nothing once it adds a word of its own. ``None`` (the default) gives the plain SQuAD-style metrics that
+    evaluation reports.
+    """
     if isinstance(gold, (list, tuple)) and gold:
         aliases: Sequence[str] = gold  # the usual shape, taken as it is (see _aliases)
     else:
@@ -162,8 +188,8 @@ def score_answer(prediction: str, gold: str | Iterable[str], *, word_boundary: b
             return EXACT if _normalized_gold(alias).norm else EXACT_EMPTY
     pred_tokens = _normalized_tokens(prediction)
     if len(aliases) == 1:  # (what _best_match does first, without the extra call)
-        return _match(" ".join(pred_tokens), pred_tokens, str(aliases[0]), word_boundary)
-    return _best_match(" ".join(pred_tokens), pred_tokens, aliases, word_boundary)
+        return _match(" ".join(pred_tokens), pred_tokens, str(aliases[0]), word_boundary, max_extra_tokens)
+    return _best_match(" ".join(pred_tokens), pred_tokens, aliases, word_boundary, max_extra_tokens)
 
 
 def exact_match(prediction: str, gold: str | Iterable[str]) -> float:
@@ -198,8 +224,9 @@ def is_paragraph_answer(answer: str, num_masks: int, min_words: int = DEFAULT_PA
 class SpanScores(NamedTuple):
     """Mean metrics over the masks, the per-mask scores, and how the answer was read.
 
-    ``mode`` is ``"aligned"`` (one part per mask), ``"paragraph"`` (the answer is the reconstructed passage) or
-    ``"mismatch"`` (wrong number of parts: parts are matched by position, missing masks score 0).
+    ``mode`` is ``"aligned"`` (one part per mask), ``"paragraph"`` (the answer is the reconstructed passage, each
+    span read where its mask stands) or ``"mismatch"`` (another number of parts: fewer are matched by position and
+    missing masks score 0; more than there are masks score 0 throughout, as a list of guesses).
     """
 
     mean: MatchScores
@@ -207,16 +234,30 @@ class SpanScores(NamedTuple):
     mode: str
 
 
+# The commitment guard's default for RAMP spans (see score_answer): a span earns nothing once it holds a token the
+# gold span lacks.
+DEFAULT_SPAN_EXTRA_TOKENS = 0
+
+
 def score_spans(
     answer: str,
     gold_spans: Sequence[str | Iterable[str]],
     *,
+    masked_passage: str | None = None,
     allow_paragraph: bool = True,
     paragraph_min_words: int = DEFAULT_PARAGRAPH_MIN_WORDS,
     word_boundary: bool = True,
+    max_extra_tokens: int | None = DEFAULT_SPAN_EXTRA_TOKENS,
 ) -> SpanScores:
-    """Score a RAMP answer against the masked spans (each a string or a list of aliases), averaged over masks."""
-    per_span, mode = score_each_span(answer, gold_spans, allow_paragraph, paragraph_min_words, word_boundary)
+    """Score a RAMP answer against the masked spans (each a string or a list of aliases), averaged over masks.
+
+    ``masked_passage`` (the item's ``query``) lets an answer written as the reconstructed passage be read: without
+    it such an answer scores 0. ``max_extra_tokens`` is the commitment guard for each span (None: off, the plain
+    metrics, which pay for lists of candidates).
+    """
+    per_span, mode = score_each_span(
+        answer, gold_spans, allow_paragraph, paragraph_min_words, word_boundary, masked_passage, max_extra_tokens
+    )
     return SpanScores(mean_scores(per_span), tuple(per_span), mode)
 
 
@@ -226,31 +267,62 @@ def score_each_span(
     allow_paragraph: bool = True,
     paragraph_min_words: int = DEFAULT_PARAGRAPH_MIN_WORDS,
     word_boundary: bool = True,
+    masked_passage: str | None = None,
+    max_extra_tokens: int | None = DEFAULT_SPAN_EXTRA_TOKENS,
 ) -> tuple[list[MatchScores], str]:
     """:func:`score_spans` before averaging: the scores of each mask and the mode (the reward needs no more)."""
     n = len(gold_spans)
     if n == 0:
         raise ValueError("a RAMP item needs at least one gold span")
-    # (the usual answer has a separator: no need to call is_paragraph_answer to see it is no paragraph)
-    if allow_paragraph and SPAN_DELIMITER not in answer and is_paragraph_answer(answer, n, paragraph_min_words):
-        pred_tokens = _normalized_tokens(answer)  # normalise the passage once, not once per span
-        pred_norm = " ".join(pred_tokens)
-        per_span = []
-        for gold in gold_spans:
-            s = _best_match(pred_norm, pred_tokens, _aliases(gold), word_boundary)
-            # Against a whole passage precision means nothing: EM is read as cover-EM and F1 as recall.
-            per_span.append(MatchScores(em=s.cover_em, f1=s.recall, recall=s.recall, cover_em=s.cover_em))
-        return per_span, "paragraph"
-    # split_spans without its strip (normalisation ignores surrounding whitespace); parts are matched to masks by
-    # position: parts beyond the last mask are ignored, masks without a part score 0.
+    # (the usual answer has a separator: no need to count its words to see it is no paragraph)
+    paragraph = (
+        allow_paragraph and SPAN_DELIMITER not in answer and len(answer.split()) >= paragraph_min_words
+    )
+    if paragraph and n > 1:
+        return _paragraph_scores(answer, gold_spans, masked_passage, word_boundary, max_extra_tokens), "paragraph"
+    # split_spans without its strip (normalisation ignores surrounding whitespace)
     parts = answer.split(SPAN_DELIMITER)
-    if word_boundary:  # (map pairs parts and masks as zip does)
-        per_span = list(map(score_answer, parts, gold_spans))
-    else:
-        per_span = [score_answer(part, gold, word_boundary=False) for part, gold in zip(parts, gold_spans)]
+    if len(parts) > n:
+        return [ZERO] * n, "mismatch"  # more answers than masks: a list of guesses earns nothing
+    per_span = [
+        score_answer(part, gold, word_boundary=word_boundary, max_extra_tokens=max_extra_tokens)
+        for part, gold in zip(parts, gold_spans)
+    ]
     if len(per_span) < n:
         per_span += [ZERO] * (n - len(per_span))
-    return per_span, "aligned" if len(parts) == n else "mismatch"
+        return per_span, "mismatch"
+    if paragraph and masked_passage is not None:  # one mask: the answer may be its span or the whole passage
+        whole = _paragraph_scores(answer, gold_spans, masked_passage, word_boundary, max_extra_tokens)
+        if whole[0].recall > per_span[0].recall:
+            return whole, "paragraph"
+    return per_span, "aligned"
+
+
+def _paragraph_scores(
+    answer: str,
+    gold_spans: Sequence[str | Iterable[str]],
+    masked_passage: str | None,
+    word_boundary: bool,
+    max_extra_tokens: int | None,
+) -> list[MatchScores]:
+    """Each mask's score for an answer written as the passage: its fill, read where the mask stands, against its
+    gold (a run of adjacent masks: the run's fill against their golds joined). 0 where the fill cannot be read."""
+    n = len(gold_spans)
+    regions = read_masked_regions(answer, masked_passage) if masked_passage is not None else None
+    if regions is None or sum(len(region.masks) for region in regions) != n:
+        return [ZERO] * n
+    per_span = [ZERO] * n
+    for masks, text in regions:
+        if not text:
+            continue
+        if len(masks) == 1:
+            gold = gold_spans[masks[0]]
+        else:
+            gold = " ".join(_aliases(gold_spans[i])[0] for i in masks)
+        scores = score_answer(text, gold, word_boundary=word_boundary, max_extra_tokens=max_extra_tokens)
+        for i in masks:
+            per_span[i] = scores
+    return per_span
 
 
 def mean_scores(scores: Sequence[MatchScores]) -> MatchScores:

@@ -42,6 +42,10 @@ class RewardConfig:
     max_score: float | None = None
     judge_fallback_metric: str | None = None  # used when the judge fails; None: recall for RAMP, em for QA
     judge_skip_exact: bool = True  # an exact match needs no judge call: judge = 1
+    # The commitment guard (reward/answer_match.py): a RAMP span or QA answer holding more tokens than this that its
+    # gold lacks earns no answer credit, so listing candidates, padding or appending never pays. -1 turns it off:
+    # the paper's plain token recall, which pays full marks for a list of candidates.
+    max_extra_answer_tokens: int = 0
     format: FormatRules = DEFAULT_RULES
     judge: Mapping[str, Any] = field(default_factory=dict)  # LLMConfig overrides for the judge endpoint
 
@@ -55,9 +59,18 @@ class RewardConfig:
             )
         if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
             raise ValueError(f"{KWARGS_PATH}: min_score {self.min_score} > max_score {self.max_score}")
+        if self.max_extra_answer_tokens < -1:
+            raise ValueError(
+                f"{KWARGS_PATH}.max_extra_answer_tokens={self.max_extra_answer_tokens}: use >= 0, or -1 for no guard"
+            )
         unknown = set(self.judge) - {f.name for f in dataclasses.fields(LLMConfig)}
         if unknown:
             raise ValueError(f"unknown {KWARGS_PATH}.judge option(s) {sorted(unknown)}")
+
+    @property
+    def extra_token_allowance(self) -> int | None:
+        """``max_extra_tokens`` for the answer metrics (None: no guard)."""
+        return None if self.max_extra_answer_tokens < 0 else self.max_extra_answer_tokens
 
     def metric_for(self, is_ramp: bool) -> str:
         return self.ramp_metric if is_ramp else self.qa_metric

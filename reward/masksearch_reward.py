@@ -12,8 +12,15 @@ and ``reward_model_tokenizer``. The returned dict's ``score`` is the reward; eve
 ``reward_extra_info``, so all keys are numeric and present in every result (verl stacks them into arrays, and
 ``algorithm.filter_groups.metric=acc`` can use them).
 
-Ground truth (DESIGN.md): RAMP ``{"target": [...], "masks": [...]}`` (the spans in order; each a string or a list
-of aliases); QA ``{"target": [aliases...]}``, a plain string, or a list of aliases.
+Ground truth (DESIGN.md): RAMP ``{"target": [...], "masks": [...], "masked_passage": str}`` (the spans in order,
+each a string or a list of aliases; the masked passage the prompt shows, with which an answer written as the
+reconstructed passage is read — without it such answers earn nothing); QA ``{"target": [aliases...]}``, a plain
+string, or a list of aliases.
+
+Answer credit cannot be bought by listing: every RAMP span and QA answer is scored with the commitment guard
+(``max_extra_answer_tokens``, reward/answer_match.py) — a span holding a token its gold lacks earns nothing, a part
+of the gold earns its share of token recall — and a passage-form answer is read where each mask stands
+(reward/passage_reading.py). tests/test_reward_adversarial.py holds the adversaries this rules out.
 
 Protocol: responses of our tag loop and of verl's hermes ``tool_agent`` loop are checked by different format rules
 (reward/format.py). ``extra_info["agent_name"]`` picks them per sample (our ``masksearch`` reward manager copies the
@@ -42,10 +49,12 @@ RESULT_KEYS = (
 
 
 class Target(NamedTuple):
-    """Parsed ground truth: the aliases of each blank (one blank for QA, one per mask for RAMP)."""
+    """Parsed ground truth: the aliases of each blank (one blank for QA, one per mask for RAMP) and, for RAMP, the
+    masked passage when the row carries it."""
 
     blanks: tuple[tuple[str, ...], ...]
     is_ramp: bool
+    masked_passage: str | None = None
 
 
 def parse_ground_truth(data_source: str, ground_truth: Any) -> Target:
@@ -53,13 +62,18 @@ def parse_ground_truth(data_source: str, ground_truth: Any) -> Target:
     return Target(*_parse_ground_truth(data_source, ground_truth))
 
 
-def _parse_ground_truth(data_source: str, ground_truth: Any) -> tuple[tuple[tuple[str, ...], ...], bool]:
-    """:func:`parse_ground_truth` as a plain ``(blanks, is_ramp)`` tuple (the reward's hot path uses it)."""
+def _parse_ground_truth(
+    data_source: str, ground_truth: Any
+) -> tuple[tuple[tuple[str, ...], ...], bool, str | None]:
+    """:func:`parse_ground_truth` as a plain ``(blanks, is_ramp, masked_passage)`` tuple (the reward's hot path)."""
     source = str(data_source)
+    masked_passage = None
     if type(ground_truth) is dict or isinstance(ground_truth, Mapping):  # (the exact-type test is much cheaper)
         masks = ground_truth.get("masks")
         is_ramp = masks is not None or source.lower().startswith("ramp")
         value = masks if (masks is not None and len(masks) > 0) else ground_truth.get("target")
+        passage = ground_truth.get("masked_passage")
+        masked_passage = passage if isinstance(passage, str) and passage else None
     else:
         is_ramp = source.lower().startswith("ramp")
         value = ground_truth
@@ -72,14 +86,14 @@ def _parse_ground_truth(data_source: str, ground_truth: Any) -> tuple[tuple[tupl
                 break
             plain.append((span,))
         else:
-            return tuple(plain), True
+            return tuple(plain), True, masked_passage
     if is_ramp:
         blanks = tuple([_strings(span) for span in _items(value)])
     else:  # the aliases of one answer, however nested
         blanks = (_strings(value),)
     if not blanks or not all(blanks):
         raise ValueError(f"ground truth for data_source={data_source!r} has an empty answer: {ground_truth!r}")
-    return blanks, is_ramp
+    return blanks, is_ramp, masked_passage if is_ramp else None
 
 
 def _items(value: Any) -> list[Any]:
@@ -176,7 +190,7 @@ def _rule_scores(
     data_source: str, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None, kwargs: dict[str, Any]
 ) -> _RuleScores:
     config = reward_config(_options(kwargs) if kwargs else kwargs)
-    blanks, is_ramp = _parse_ground_truth(data_source, ground_truth)
+    blanks, is_ramp, masked_passage = _parse_ground_truth(data_source, ground_truth)
     format_rules = config.format
     if extra_info:  # the loop that wrote the response decides its protocol
         agent = extra_info.get("agent_name")
@@ -193,10 +207,13 @@ def _rule_scores(
     if not answer:
         match = ZERO
     elif is_ramp:
-        per_span, mode = score_each_span(answer, blanks, format_rules.allow_paragraph, format_rules.paragraph_min_words)
+        per_span, mode = score_each_span(
+            answer, blanks, format_rules.allow_paragraph, format_rules.paragraph_min_words, True, masked_passage,
+            config.extra_token_allowance,
+        )
         match, paragraph = mean_scores(per_span), mode == "paragraph"  # score_spans(...).mean and its mode
     else:
-        match = score_answer(answer, blanks[0])
+        match = score_answer(answer, blanks[0], max_extra_tokens=config.extra_token_allowance)
     metric = config.metric_for(is_ramp)
     return config, blanks, is_ramp, format_ok, format_reason, num_searches, answer, match, paragraph, metric
 

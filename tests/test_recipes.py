@@ -408,11 +408,15 @@ def test_reward_function_loads_through_verl_with_recipe_options():
     assert full["score"] == 1.0 and half["score"] == pytest.approx(0.5)  # recall over spans
     assert "acc" in full  # the DAPO filter metric exists in every result
 
-    # Stage II scores QA answers by token recall (the recipe's qa_metric), not exact match.
+    # Stage II scores QA answers by token recall (the recipe's qa_metric), not exact match, under the commitment
+    # guard: a part of the gold earns its share, an answer adding a word of its own earns nothing.
     qa = get_custom_reward_fn(compose("hotpotqa_dapo/qwen2.5-1.5b_8gpu"))
+    partial = _call(qa, data_source="hotpotqa", solution_str="<think> a </think><answer> Eiffel </answer>",
+                    ground_truth={"target": ["Gustave Eiffel"]}, extra_info={})
+    assert partial["score"] == 0.5 and partial["em"] == 0.0
     verbose = _call(qa, data_source="hotpotqa", solution_str="<think> a </think><answer> Paris France </answer>",
                     ground_truth={"target": ["Paris"]}, extra_info={})
-    assert verbose["score"] == 1.0 and verbose["em"] == 0.0
+    assert verbose["score"] == 0.0
 
 
 async def test_dapo_manager_punishes_overlong_responses_but_not_acc(tiny_model):

@@ -30,6 +30,7 @@ from reward.answer_match import (
     token_recall,
 )
 from reward.combine import RewardConfig, combine
+from reward.passage_reading import read_masked_regions
 from reward.format import FormatReason, FormatRules, check_format, extract_answer
 from reward.masksearch_reward import RESULT_KEYS, compute_score, compute_score_sync, parse_ground_truth, reset_caches
 
@@ -342,21 +343,79 @@ def test_ramp_spans_aligned_by_position():
 def test_ramp_span_count_mismatch_scores_by_position():
     short = score_spans("Gustave Eiffel", ["Gustave Eiffel", "1889"])
     assert short.mode == "mismatch" and short.mean.em == 0.5
+    # more parts than masks is a list of guesses: nothing, even with the right spans first
     extra = score_spans("Gustave Eiffel | 1889 | Paris", ["Gustave Eiffel", "1889"])
-    assert extra.mode == "mismatch" and extra.mean.em == 1
-    # hedging a single mask with candidates: only the first one counts
-    hedged = score_spans("Paris | Lyon", ["Lyon"])
+    assert extra.mode == "mismatch" and extra.mean == MatchScores()
+    hedged = score_spans("Lyon | Paris", ["Lyon"])
     assert hedged.mode == "mismatch" and hedged.mean.recall == 0
     assert score_spans("Lyon", ["Lyon"]).mode == "aligned"
 
 
-def test_ramp_paragraph_answers_score_each_span_against_the_whole_text():
-    paragraph = "The tower was designed by Gustave Eiffel and opened in 1889 for the World's Fair in Paris."
-    scored = score_spans(paragraph, ["Gustave Eiffel", "1889", "London"])
+def test_commitment_guard_pays_parts_of_the_gold_never_additions():
+    # a part of the gold earns its share of recall (and F1 from precision 1); an added token voids the span
+    assert score_spans("Eiffel | 1889", ["Gustave Eiffel", "1889"]).per_span[0] == MatchScores(0, 2 / 3, 0.5, 0)
+    assert score_spans("Gustave Eiffel Paris | 1889", ["Gustave Eiffel", "1889"]).per_span[0] == MatchScores()
+    assert score_spans("Eiffel Eiffel | 1889", ["Gustave Eiffel", "1889"]).per_span[0] == MatchScores()
+    # normalisation first: articles and punctuation are not tokens of their own
+    assert score_spans("the Gustave-Eiffel. | 1889", ["Gustave Eiffel", "1889"]).per_span[0].em == 0  # one token
+    assert score_spans("The Gustave Eiffel! | 1889", ["Gustave Eiffel", "1889"]).mean.em == 1
+    # an allowance of one extra token, and the guard off (the paper's plain recall, which pays for lists)
+    assert score_spans("Gustave Eiffel Paris | 1889", ["Gustave Eiffel", "1889"], max_extra_tokens=1).mean.recall == 1
+    listed = score_spans("Paris Lyon 1889 | Paris Lyon 1889", ["Lyon", "1889"], max_extra_tokens=None)
+    assert listed.mean.recall == 1
+    assert score_spans("Paris Lyon 1889 | Paris Lyon 1889", ["Lyon", "1889"]).mean.recall == 0
+    # QA answers: the same guard through score_answer; evaluation's plain metrics are unchanged
+    assert score_answer("Paris or Lyon", "Lyon", max_extra_tokens=0) == MatchScores()
+    assert score_answer("Paris or Lyon", "Lyon").recall == 1
+
+
+def test_ramp_paragraph_answers_are_read_where_each_mask_stands():
+    masked = "The tower was designed by [mask] and opened in [mask] for the World's Fair in [mask]."
+    golds = ["Gustave Eiffel", "1889", "Paris"]
+    paragraph = "The tower was designed by Gustave Eiffel and opened in 1889 for the World's Fair in London."
+    scored = score_spans(paragraph, golds, masked_passage=masked)
     assert scored.mode == "paragraph"
-    assert [s.cover_em for s in scored.per_span] == [1, 1, 0]
-    assert scored.mean.em == pytest.approx(2 / 3) and scored.mean.recall == pytest.approx(2 / 3)
-    assert score_spans(paragraph, ["Gustave Eiffel", "1889", "London"], allow_paragraph=False).mode == "mismatch"
+    assert [s.em for s in scored.per_span] == [1, 1, 0]
+    assert scored.mean.recall == pytest.approx(2 / 3)
+    # the spans somewhere in the text, not where the masks stand, earn nothing
+    elsewhere = "The tower was designed by someone and opened in spring for the World's Fair in 1889, Paris, Eiffel."
+    assert score_spans(elsewhere, golds, masked_passage=masked).mean == MatchScores()
+    # without the masked passage a paragraph cannot be read; without allow_paragraph it is one part of three
+    assert score_spans(paragraph, golds).mean == MatchScores()
+    assert score_spans(paragraph, golds, masked_passage=masked, allow_paragraph=False).mode == "mismatch"
+
+
+@pytest.mark.parametrize(
+    ("masked", "answer", "fills"),
+    [
+        # numbers and abbreviations stay whole, even right before the full stop
+        ("It was founded in [mask] and cost [mask].", "It was founded in 1889 and cost 2.5 million.", ["1889", "2.5 million"]),
+        ("He moved to [mask].", "He moved to Washington, D.C..", ["Washington, D.C."]),
+        # a run of adjacent masks is one region; CJK text is aligned character by character
+        ("Born on [mask] [mask] in Lyon.", "Born on 3 May 1889 in Lyon.", ["3 May 1889"]),
+        ("他出生于[mask]，后来移居[mask]。", "他出生于北京，后来移居上海。", ["北京", "上海"]),
+        # a rewritten neighbour leaves that mask unreadable; the other is still read
+        ("The tower in [mask] was completed in [mask] after two years of work by hundreds of builders from abroad.",
+         "The tower at Paris was completed in 1889 after two years of work by hundreds of builders from abroad.",
+         [None, "1889"]),
+    ],
+)
+def test_passage_reading_finds_each_fill_where_its_mask_stands(masked, answer, fills):
+    regions = read_masked_regions(answer, masked)
+    assert [text for _, text in regions] == fills
+    assert sum(len(masks) for masks, _ in regions) == masked.count("[mask]")
+
+
+def test_passage_reading_rejects_text_beyond_one_copy_of_the_passage():
+    masked = "The Eiffel Tower in [mask] was completed in [mask] by the company of [mask] for the fair."
+    right = "The Eiffel Tower in Paris was completed in 1889 by the company of Gustave Eiffel for the fair."
+    assert [text for _, text in read_masked_regions(right, masked)] == ["Paris", "1889", "Gustave Eiffel"]
+    assert read_masked_regions(right + " " + right.replace("Paris", "Lyon"), masked) is None
+    assert read_masked_regions(right + " Lyon London Berlin Rome Nice", masked) is None
+    assert read_masked_regions(right + " Lyon", masked) is not None  # a word or two beyond it earns nothing either
+    adjacent = score_spans("Born on 3 May 1889 in Lyon and raised there by his aunt and uncle.", ["3 May", "1889"],
+                           masked_passage="Born on [mask] [mask] in Lyon and raised there by his aunt and uncle.")
+    assert adjacent.mode == "paragraph" and adjacent.mean.em == 1
 
 
 def test_split_spans():
@@ -488,11 +547,13 @@ def test_config_errors_name_the_key():
 
 
 def test_long_qa_answers_are_ill_formed_when_limited():
-    """format.max_answer_words: recall pays for every gold token an answer holds, so a capped answer length keeps a
-    policy from listing candidates; RAMP answers (one span per mask, or the paragraph) are never limited."""
+    """format.max_answer_words: a cap on the answer's length (a format rule, beside the commitment guard that already
+    voids a listing answer's credit); RAMP answers (one span per mask, or the paragraph) are never limited."""
     gold = {"target": ["Gustave Eiffel"]}
     listing = trajectory(search("who"), answer="Gustave Eiffel or Stephen Sauvestre or Maurice Koechlin")
-    assert compute_score_sync("hotpotqa", listing, gold, qa_metric="recall")["score"] == 1.0
+    assert compute_score_sync("hotpotqa", listing, gold, qa_metric="recall")["score"] == 0.0
+    unguarded = compute_score_sync("hotpotqa", listing, gold, qa_metric="recall", max_extra_answer_tokens=-1)
+    assert unguarded["score"] == 1.0  # the paper's plain recall pays for the list
     limited = compute_score_sync("hotpotqa", listing, gold, qa_metric="recall", format={"max_answer_words": 5})
     assert limited["format_code"] == R.ANSWER_TOO_LONG and limited["score"] == 0.0
     short = trajectory(search("who"), answer="Gustave Eiffel")
@@ -823,20 +884,33 @@ def _reference_scores(prediction: str, aliases: list[str], word_boundary: bool =
     return best
 
 
+def _reference_guarded(prediction: str, aliases: list[str], word_boundary: bool) -> tuple:
+    """The commitment guard at 0 extra tokens: against each alias, the plain metrics when every token of the
+    prediction is a token of the alias (multiset) and some token is shared (or both are empty), else zeros."""
+    pred_tokens = Counter(_official_normalize(prediction).split())
+    best = (0.0, 0.0, 0.0, 0.0)
+    for alias in aliases:
+        gold_tokens = Counter(_official_normalize(str(alias)).split())
+        committed = not (pred_tokens - gold_tokens) and (bool(pred_tokens & gold_tokens) or pred_tokens == gold_tokens)
+        scores = _reference_scores(prediction, [alias], word_boundary) if committed else (0.0, 0.0, 0.0, 0.0)
+        best = tuple(max(pair) for pair in zip(best, scores))
+    return best
+
+
 def _reference_spans(answer: str, golds: list, allow_paragraph: bool, min_words: int, word_boundary: bool) -> tuple:
-    """RAMP span scoring: (mean, per span, mode)."""
+    """RAMP span scoring without a masked passage: (mean, per span, mode). A paragraph-shaped answer to several
+    masks cannot be read and scores 0; more parts than masks score 0; each part is guarded."""
     n = len(golds)
     aliases = [[gold] if isinstance(gold, str) else list(gold) for gold in golds]
+    zero = (0.0, 0.0, 0.0, 0.0)
+    parts = [part.strip() for part in answer.split("|")]
     if allow_paragraph and n > 1 and "|" not in answer and len(answer.split()) >= min_words:
-        per_span = []
-        for alias_list in aliases:
-            _, _, recall, cover = _reference_scores(answer, alias_list, word_boundary)
-            per_span.append((cover, recall, recall, cover))
-        mode = "paragraph"
+        per_span, mode = [zero] * n, "paragraph"
+    elif len(parts) > n:
+        per_span, mode = [zero] * n, "mismatch"
     else:
-        parts = [part.strip() for part in answer.split("|")]
         per_span = [
-            _reference_scores(parts[i], alias_list, word_boundary) if i < len(parts) else (0.0, 0.0, 0.0, 0.0)
+            _reference_guarded(parts[i], alias_list, word_boundary) if i < len(parts) else zero
             for i, alias_list in enumerate(aliases)
         ]
         mode = "aligned" if len(parts) == n else "mismatch"
@@ -962,11 +1036,12 @@ def _expected_result(data_source: str, response: str, ground_truth, kwargs: dict
         match = MatchScores()
     elif target.is_ramp:
         spans = score_spans(
-            answer, target.blanks, allow_paragraph=rules.allow_paragraph, paragraph_min_words=rules.paragraph_min_words
+            answer, target.blanks, allow_paragraph=rules.allow_paragraph, paragraph_min_words=rules.paragraph_min_words,
+            masked_passage=target.masked_passage, max_extra_tokens=config.extra_token_allowance,
         )
         match = spans.mean
     else:
-        match = score_answer(answer, target.blanks[0])
+        match = score_answer(answer, target.blanks[0], max_extra_tokens=config.extra_token_allowance)
     score, counted = combine(fmt.ok, match.get(config.metric_for(target.is_ramp)), config)
     return {
         "score": score,

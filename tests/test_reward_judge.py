@@ -28,7 +28,8 @@ from reward.judge import JudgeItem, build_judge_messages, get_judge, parse_verdi
 from reward.masksearch_reward import compute_score, compute_score_sync, reset_caches
 
 RAMP_GT = {"target": ["Gustave Eiffel", "1889"], "masks": ["Gustave Eiffel", "1889"]}
-NEAR_MISS = "<think> ok </think><answer> G. Eiffel | the year 1889 </answer>"  # EM 0, recall 0.75
+# EM 0, plain recall 0.75; 0 under the reward's commitment guard ("g" and "year" are not in the golds)
+NEAR_MISS = "<think> ok </think><answer> G. Eiffel | the year 1889 </answer>"
 
 
 class FakeJudgeServer:
@@ -270,8 +271,9 @@ async def test_failures_fall_back_to_answer_matching_and_are_counted(server, mod
     before = server.calls[model]
     result = await compute_score("ramp", NEAR_MISS, RAMP_GT, **kwargs)
     assert result["judge_fallback"] == 1 and result["judge"] == 0
-    # RAMP falls back to recall: "g eiffel" finds 1/2 of "gustave eiffel", "year 1889" all of "1889"
-    assert result["score"] == pytest.approx(0.75) == result["recall"]
+    # RAMP falls back to recall under the commitment guard: "g eiffel" and "year 1889" each add a token of their own
+    # so neither span earns anything (the judge is what credits such near misses)
+    assert result["score"] == 0 == result["recall"]
     qa = await compute_score("hotpotqa", "<answer> Paris, France </answer>", "Paris", **kwargs)
     assert qa["judge_fallback"] == 1 and qa["score"] == 0  # QA falls back to EM
     assert server.calls[model] - before == 2 * requests_per_item  # bounded retries

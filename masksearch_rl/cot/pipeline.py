@@ -148,7 +148,7 @@ async def label_answer(
     if not use_fallback:
         raise BackendFailure(f"judge: {verdict.error}")
     if task.kind == "ramp":
-        score = score_spans(answer, [list(g) for g in task.golds]).mean.em
+        score = score_spans(answer, [list(g) for g in task.golds], masked_passage=task.masked_passage).mean.em
     else:
         score = score_answer(answer, list(task.golds[0])).em
     return score, {"by": "answer_match", "fallback": True, "score": score, "judge_error": verdict.error}

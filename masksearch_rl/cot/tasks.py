@@ -26,6 +26,7 @@ class Task:
     golds: tuple[tuple[str, ...], ...]  # aliases per blank: one blank per mask for RAMP, one for QA
     data_source: str
     title: str | None = None
+    masked_passage: str | None = None  # RAMP: the item's query, with which a passage-form answer is read
 
     @property
     def num_masks(self) -> int | None:
@@ -50,7 +51,7 @@ def task_from_record(record: dict[str, Any], qa_source: str = "qa") -> Task:
         return Task(
             id=str(record["id"]), kind="ramp", text=ramp_user_text(record["query"], instruction),
             prompt=tuple(ramp_messages(record["query"], instruction)), golds=tuple((m,) for m in masks),
-            data_source="ramp", title=record.get("title"),
+            data_source="ramp", title=record.get("title"), masked_passage=record["query"],
         )
     question, answer = record.get("question"), record.get("answer")
     if not isinstance(question, str) or not question.strip():
