@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from masksearch_rl.rl.launch import OVERLAY_GROUPS, recipe_names
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
 LAUNCH = REPO / "recipes" / "launch"
@@ -35,11 +37,10 @@ EXPECTED = {
     "quickstart/qwen2.5-0.5b_cpu",
     "ramp_dapo/qwen2.5-1.5b_8gpu_hermes",
 }
-RECIPES = sorted(
-    f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "curriculum"
-)
-TRAINING = [r for r in RECIPES if not r.startswith("quickstart/")]
-RAMP = [r for r in RECIPES if r.startswith(("ramp_dapo/", "quickstart/"))]
+RECIPES = recipe_names()
+CPU = [r for r in RECIPES if r.startswith(("quickstart/", "lab/"))]  # our CPU platform (platform/cpu.yaml)
+TRAINING = [r for r in RECIPES if r not in CPU]
+RAMP = [r for r in RECIPES if r.startswith(("ramp_dapo/", "quickstart/", "lab/"))]
 HERMES = [r for r in RECIPES if r.endswith("_hermes")]  # verl's tool_agent loop + our search tool
 
 
@@ -124,7 +125,7 @@ def test_recipe_packages_resolve_from_this_checkout():
     """``pkg://recipes.configs.<group>`` must resolve to these files (editable install), else edits are ignored."""
     import importlib
 
-    for group in {r.split("/")[0] for r in RECIPES} | {"curriculum"}:
+    for group in {r.split("/")[0] for r in RECIPES} | set(OVERLAY_GROUPS):
         module = importlib.import_module(f"recipes.configs.{group}")
         assert Path(module.__file__).resolve().parent == CONFIGS / group
 
@@ -185,8 +186,8 @@ def test_recipe_resolves_to_dapo(recipe):
     assert actor.loss_agg_mode == "token-mean"
     assert actor.use_kl_loss is False and algorithm.use_kl_in_reward is False
     assert algorithm.adv_estimator == "grpo"
-    # The paper's step size; the CPU quickstart's tiny SFT-warmed model needs a larger one to move in a few steps.
-    assert actor.optim.lr == pytest.approx(1e-4 if recipe == "quickstart/tiny_cpu" else 1e-6)
+    # The paper's step size; the CPU recipes' tiny models trained from scratch need larger ones to move in a few steps.
+    assert actor.optim.lr == pytest.approx({"quickstart/tiny_cpu": 1e-4, "lab/tiny_cpu": 2e-5}.get(recipe, 1e-6))
     # Overlong shaping: our dapo-based manager with its buffer inside the response budget.
     assert cfg.reward.reward_manager.source == "register" and cfg.reward.reward_manager.name == "masksearch"
     overlong = cfg.reward.reward_kwargs.overlong_buffer_cfg
@@ -202,6 +203,10 @@ def test_recipe_resolves_to_dapo(recipe):
         assert algorithm.filter_groups.enable is True and algorithm.filter_groups.metric == "acc"
         assert cfg.actor_rollout_ref.rollout.n in (8, 16)
         assert list(cfg.trainer.logger) == ["console", "wandb"]
+    elif recipe == "lab/tiny_cpu":
+        # The lab's SFT policy answers some items right: its groups differ in `acc`, the training recipes' metric.
+        assert algorithm.filter_groups.enable is True and algorithm.filter_groups.metric == "acc"
+        assert cfg.actor_rollout_ref.rollout.n == 8
     elif recipe == "quickstart/tiny_cpu":
         # The CPU quickstart filters on `score` (format bonus + recall): its SFT-warmed tiny model's groups differ
         # in format, never in recall, so filtering on `acc` would drop every group.
@@ -244,6 +249,11 @@ def test_recipe_runs_our_agent_loop_and_search_settings(recipe, monkeypatch):
     env = SearchEnvConfig.from_trainer_config(cfg)  # the agent loop's own parser: unknown keys would fail here
     assert env.backend["type"] == "server" and env.backend["url"] == "http://retriever.test:9000"
     assert env.backend["timeout_s"] > 0 and env.backend["max_retries"] >= 1
+    if recipe.startswith("lab/"):
+        # The lab's task: one passage per search, one search (what its oracle did), the policy's text beside it.
+        assert env.topk == 1 and env.max_turns == 1
+        assert cfg.data.max_response_length - env.max_info_tokens >= 128
+        return
     assert 1 <= env.max_turns <= 8 and env.topk == 3
     # The results of every allowed search together still leave room for the policy's own tokens.
     assert env.max_turns * env.max_info_tokens <= cfg.data.max_response_length // 2
@@ -573,3 +583,48 @@ def test_main_ppo_accepts_the_printed_command(monkeypatch, capsys):
     assert printed.reward.reward_manager.name == "masksearch"
     assert printed.trainer.v1.trainer_mode == "masksearch_curriculum"
     assert printed.actor_rollout_ref.rollout.agent.default_agent_loop == "masksearch_agent"
+
+
+# ------------------------------------------------------------------------------------ every key means something
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_key_a_recipe_sets_is_read(recipe):
+    """No key in the recipe's files (the recipe, dapo_base, the groups it picks) that verl 0.9.1 and our plugins
+    ignore: unknown to verl's config, a dead field of it, or outside our sections' schemas."""
+    from masksearch_rl.rl.config_check import unread_keys
+
+    assert unread_keys(recipe) == []
+
+
+def test_the_key_check_finds_what_nothing_reads(tmp_path, monkeypatch):
+    """Planted mistakes are caught: a dead verl field, a key verl does not have, a misspelt search_env key."""
+    import masksearch_rl.rl.config_check as check
+
+    root = tmp_path / "configs"
+    (root / "demo").mkdir(parents=True)
+    for name in ("dapo_base.yaml",):
+        (root / name).write_text((CONFIGS / name).read_text())
+    (root / "demo" / "bad.yaml").write_text(
+        "defaults:\n  - dapo_base\n  - _self_\n"
+        "actor_rollout_ref:\n  actor:\n    grad_clip: 0.5\n    use_torch_compile: false\n    lr_sheduler: cos\n"
+        "search_env:\n  top_k: 5\n  topk: 2\n  backend:\n    anything: 1\n"
+        "trainer:\n  total_training_steps: 3\n"
+    )
+    monkeypatch.setattr(check, "CONFIG_ROOT", root)
+    problems = dict(check.unread_keys("demo/bad"))
+    assert set(problems) == {"actor_rollout_ref.actor.grad_clip", "actor_rollout_ref.actor.use_torch_compile",
+                             "actor_rollout_ref.actor.lr_sheduler", "search_env.top_k"}
+    assert "optim.clip_grad" in problems["actor_rollout_ref.actor.grad_clip"]
+    assert "fsdp_config.use_torch_compile" in problems["actor_rollout_ref.actor.use_torch_compile"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_validation_passes_are_bounded(recipe):
+    """val_before_train and test_freq score a bounded sample, not the whole split (masksearch-rl eval does that)."""
+    assert 0 < compose(recipe).data.val_max_samples <= 512
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "ray_submit.sh"])
+def test_launchers_pass_the_validation_sample_size(script):
+    argv = _dry_run(script, "ramp_dapo/qwen2.5-1.5b_8gpu", VAL_MAX_SAMPLES="64")
+    assert "data.val_max_samples=64" in argv
+    assert not any(a.startswith("data.val_max_samples") for a in _dry_run(script, "ramp_dapo/qwen2.5-1.5b_8gpu"))

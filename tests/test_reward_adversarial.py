@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from envs.prompts import MASK_TOKEN, TAG_AGENT_NAME, TOOL_AGENT_NAME, answer_block, information_block
+from masksearch_rl.rl.launch import recipe_names
 from reward.masksearch_reward import compute_score_sync, reset_caches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +53,6 @@ DOCS = "Doc 1 (Title: Some page) Some retrieved text that mentions nothing usefu
 # ------------------------------------------------------------------------------------------------ the recipes
 
 
-def _recipe_names() -> list[str]:
-    return sorted(f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "curriculum")
-
-
 @lru_cache(maxsize=None)
 def _recipe_reward_kwargs(recipe: str) -> str:
     """The recipe's ``reward.custom_reward_function.reward_kwargs``, composed the way main_ppo composes it (JSON)."""
@@ -70,7 +67,7 @@ def _recipe_reward_kwargs(recipe: str) -> str:
 
 def _reward_settings() -> list[tuple[str, str]]:
     """(label, kwargs as JSON): every shipped recipe, and the defaults with each rule-based metric."""
-    settings_ = [(recipe, _recipe_reward_kwargs(recipe)) for recipe in _recipe_names()]
+    settings_ = [(recipe, _recipe_reward_kwargs(recipe)) for recipe in recipe_names()]
     for metric in ("recall", "f1", "em", "cover_em"):
         settings_.append((f"defaults/{metric}", json.dumps({"ramp_metric": metric, "qa_metric": metric})))
     return settings_
@@ -88,7 +85,7 @@ def _verl_plugins_and_fresh_configs():
 def test_every_shipped_recipe_is_covered():
     recipes = {label for label, _ in _reward_settings()}
     assert {"ramp_dapo/qwen2.5-1.5b_8gpu", "hotpotqa_dapo/qwen2.5-1.5b_8gpu", "quickstart/tiny_cpu"} <= recipes
-    assert len(recipes) == len(_recipe_names()) + 4
+    assert len(recipes) == len(recipe_names()) + 4
 
 
 # ------------------------------------------------------------------------------------------- responses

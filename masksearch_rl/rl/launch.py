@@ -55,6 +55,16 @@ class PPORun:
         ]
 
 
+# Config groups that are pieces of a recipe (``+curriculum=staged``, ``platform: cpu``), not recipes.
+OVERLAY_GROUPS = ("curriculum", "platform")
+
+
+def recipe_names() -> list[str]:
+    """Every main_ppo recipe we ship, as ``<group>/<name>`` (the ``--config-path``/``--config-name`` pair)."""
+    return sorted(f"{p.parent.name}/{p.stem}" for p in CONFIG_ROOT.glob("*/*.yaml")
+                  if p.parent.name not in OVERLAY_GROUPS)
+
+
 def compose_recipe(recipe: str, overrides: list[str] | tuple[str, ...] = ()):
     """The recipe's config as ``main_ppo`` would see it (hydra compose over verl's config), without running it."""
     from hydra import compose, initialize_config_dir

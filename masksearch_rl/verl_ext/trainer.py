@@ -81,6 +81,11 @@ def _add(sums: dict, counts: dict, key: str, value: Any) -> None:
         counts[key] += 1
 
 
+# The ``masksearch_tracking`` section: a W&B table of the step's first rollouts every ``trajectory_table_freq``
+# steps (0: never), ``trajectory_table_rows`` of them.
+TRACKING_DEFAULTS = {"trajectory_table_freq": 0, "trajectory_table_rows": 8}
+
+
 @register_trainer(TRAINER_MODE)
 class MaskSearchPPOTrainer(PPOTrainerSync):
     """verl's synchronous PPO trainer whose training workers start on every platform we register."""
@@ -104,11 +109,11 @@ class MaskSearchPPOTrainer(PPOTrainerSync):
             if not tag.get("is_padding", False)
         ]
         metrics.update(episode_metrics(fields for _, fields in live))
-        tracking = self.config.get("masksearch_tracking") or {}
-        freq = int(tracking.get("trajectory_table_freq", 0) or 0)
+        tracking = {**TRACKING_DEFAULTS, **(self.config.get("masksearch_tracking") or {})}
+        freq = int(tracking["trajectory_table_freq"] or 0)
         if freq > 0 and "wandb" in list(self.config.trainer.logger) and (self.global_steps - 1) % freq == 0:
             try:
-                self._log_trajectory_table(batch.partition_id, live[: int(tracking.get("trajectory_table_rows", 8))])
+                self._log_trajectory_table(batch.partition_id, live[: int(tracking["trajectory_table_rows"])])
             except Exception:  # a sample table is never worth a training run
                 logger.exception("could not log the trajectory table at step %d", self.global_steps)
         return batch

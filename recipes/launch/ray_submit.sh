@@ -12,6 +12,7 @@
 # Environment:
 #   NNODES                    nodes in the cluster (trainer.nnodes); default 1
 #   N_GPUS                    GPUs per node (trainer.n_gpus_per_node); default 8
+#   VAL_MAX_SAMPLES           prompts per validation pass (data.val_max_samples); default: the recipe's (512)
 #   RAY_ADDRESS               the head's dashboard; default http://127.0.0.1:8265
 #   MASKSEARCH_RETRIEVAL_URL  retrieval server every node can reach; default http://127.0.0.1:8000
 #                             (127.0.0.1 works across nodes only if each node runs its own server)
@@ -36,7 +37,7 @@ shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 if [[ $recipe != */* || ! -f $repo/recipes/configs/$recipe.yaml ]]; then
     echo "error: no recipe '$recipe' (expected recipes/configs/<group>/<name>.yaml); available:" >&2
-    (cd "$repo/recipes/configs" && ls -1 ./*/*.yaml | sed 's|^\./||; s|\.yaml$||' | grep -v '^curriculum/') >&2
+    (cd "$repo/recipes/configs" && ls -1 ./*/*.yaml | sed 's|^\./||; s|\.yaml$||' | grep -v '^curriculum/\|^platform/') >&2
     exit 2
 fi
 group=${recipe%%/*}
@@ -72,6 +73,7 @@ cmd=("$ray_bin" job submit --address="$address" --runtime-env-json="$runtime_env
     --config-path "pkg://recipes.configs.$group" --config-name "$name"
     "trainer.nnodes=$nnodes" "trainer.n_gpus_per_node=$n_gpus"
     "paths.data_dir=$data_dir" "paths.ckpt_dir=$ckpt_dir" "search_env.backend.url=$url"
+    ${VAL_MAX_SAMPLES:+"data.val_max_samples=$VAL_MAX_SAMPLES"}
     "$@")
 
 if [[ -n ${DRY_RUN:-} ]]; then

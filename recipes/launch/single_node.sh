@@ -13,6 +13,8 @@
 #   MASKSEARCH_DATA_DIR       parquet root (holds ramp/, hotpotqa/); default: the recipe's paths.data_dir
 #   MASKSEARCH_CKPT_DIR       checkpoint root; default: the recipe's paths.ckpt_dir
 #   N_GPUS                    GPUs to use on this node (trainer.n_gpus_per_node); default: the recipe's (8)
+#   VAL_MAX_SAMPLES           prompts per validation pass (data.val_max_samples); default: the recipe's (512);
+#                             -1 validates on the whole split (masksearch-rl eval scores full benchmarks)
 #   PYTHON                    interpreter with verl + masksearch-rl installed; default: python
 #   WANDB_MODE=offline        log to ./wandb without network; `wandb sync wandb/offline-run-*` later
 #   SKIP_HEALTH_CHECK=1       do not check the retrieval server before starting
@@ -31,7 +33,7 @@ shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 if [[ $recipe != */* || ! -f $repo/recipes/configs/$recipe.yaml ]]; then
     echo "error: no recipe '$recipe' (expected recipes/configs/<group>/<name>.yaml); available:" >&2
-    (cd "$repo/recipes/configs" && ls -1 ./*/*.yaml | sed 's|^\./||; s|\.yaml$||' | grep -v '^curriculum/') >&2
+    (cd "$repo/recipes/configs" && ls -1 ./*/*.yaml | sed 's|^\./||; s|\.yaml$||' | grep -v '^curriculum/\|^platform/') >&2
     exit 2
 fi
 group=${recipe%%/*}
@@ -47,6 +49,7 @@ overrides=("search_env.backend.url=$url")
 [[ -n ${MASKSEARCH_DATA_DIR:-} ]] && overrides+=("paths.data_dir=$(absolute "$MASKSEARCH_DATA_DIR")")
 [[ -n ${MASKSEARCH_CKPT_DIR:-} ]] && overrides+=("paths.ckpt_dir=$(absolute "$MASKSEARCH_CKPT_DIR")")
 [[ -n ${N_GPUS:-} ]] && overrides+=("trainer.n_gpus_per_node=$N_GPUS")
+[[ -n ${VAL_MAX_SAMPLES:-} ]] && overrides+=("data.val_max_samples=$VAL_MAX_SAMPLES")
 
 cmd=("$python_bin" -m verl.trainer.main_ppo
     --config-path "pkg://recipes.configs.$group" --config-name "$name"
