@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from masksearch_rl.corpus.passage import format_contents
 from masksearch_rl.retrieval.batching import BatcherClosed, MicroBatcher
 from masksearch_rl.retrieval.client import RetrievalServerBackend
-from masksearch_rl.retrieval.server import ServerConfig, create_app, running_server
+from masksearch_rl.retrieval.server import ServerConfig, create_app, hit_document, running_server
 from masksearch_rl.retrieval.types import Hit, SearchBackend, SearchError
 
 NUM_DOCS = 40
@@ -101,7 +101,8 @@ def test_retrieve_with_scores_round_trip(server_url):
     assert len(result) == 2 and [len(hits) for hits in result] == [4, 4]
     first = result[0][0]
     assert set(first) == {"document", "score"}
-    assert first["document"] == {"id": "doc7", "contents": '"Title 7"\ntext about topic7 and common words'}
+    assert first["document"] == {"id": "doc7", "title": "Title 7", "text": "text about topic7 and common words",
+                                 "contents": '"Title 7"\ntext about topic7 and common words'}
     assert result[1][0]["document"]["id"] == "doc12"
     scores = [hit["score"] for hit in result[0]]
     assert all(isinstance(s, float) for s in scores) and scores == sorted(scores, reverse=True)
@@ -111,13 +112,36 @@ def test_retrieve_without_scores_returns_bare_documents_like_search_r1(server_ur
     response = httpx.post(f"{server_url}/retrieve", json={"queries": ["topic3"], "topk": 2})
     assert response.status_code == 200
     hits = response.json()["result"][0]
-    assert hits[0] == {"id": "doc3", "contents": '"Title 3"\ntext about topic3 and common words'}
+    assert hits[0] == {"id": "doc3", "title": "Title 3", "text": "text about topic3 and common words",
+                       "contents": '"Title 3"\ntext about topic3 and common words'}
     assert all("score" not in hit and "document" not in hit for hit in hits)
 
 
-def test_topk_defaults_when_omitted(server_url):
-    response = httpx.post(f"{server_url}/retrieve", json={"queries": ["topic1"], "return_scores": True})
+@pytest.mark.parametrize("topk", [{}, {"topk": None}, {"topk": 0}])
+def test_topk_defaults_when_omitted_null_or_zero_like_search_r1(server_url, topk):
+    response = httpx.post(f"{server_url}/retrieve", json={"queries": ["topic1"], "return_scores": True, **topk})
+    assert response.status_code == 200
     assert len(response.json()["result"][0]) == ServerConfig().default_topk
+
+
+def test_empty_query_list_gets_an_empty_result_like_search_r1(server_url):
+    response = httpx.post(f"{server_url}/retrieve", json={"queries": [], "topk": 3, "return_scores": True})
+    assert response.status_code == 200 and response.json() == {"result": []}
+
+
+async def test_a_whole_rollout_batch_in_one_request_is_searched_in_bounded_pieces():
+    """Search-R1's client posts every query of a rollout step at once (e.g. 512 prompts x 5 = 2,560)."""
+    retriever = ToyRetriever()
+    with running_server(create_app(retriever, ServerConfig(max_batch=64))) as url:
+        queries = [f"topic{i % NUM_DOCS}" for i in range(2560)]
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(f"{url}/retrieve", json={"queries": queries, "topk": 3,
+                                                                   "return_scores": True})
+    assert response.status_code == 200
+    result = response.json()["result"]
+    assert [hits[0]["document"]["id"] for hits in result] == [f"doc{i % NUM_DOCS}" for i in range(2560)]
+    assert all(len(hits) == 3 for hits in result)
+    assert max(retriever.batches) <= 64 and sum(retriever.batches[1:]) == 2560  # [0]: the warm-up search
 
 
 def test_empty_query_string_is_allowed_like_search_r1(server_url):
@@ -129,14 +153,13 @@ def test_empty_query_string_is_allowed_like_search_r1(server_url):
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
-        ({"queries": []}, "queries", "at least 1 item"),
         ({"topk": 3}, "queries", "Field required"),
         ({"queries": ["ok", 5]}, "queries.1", "valid string"),
         ({"queries": "topic1"}, "queries", "valid list"),
-        ({"queries": ["x"], "topk": 0}, "topk", "greater than or equal to 1"),
+        ({"queries": ["x"], "topk": -1}, "topk", "greater than or equal to 0"),
         ({"queries": ["x"], "topk": 51}, "topk", "less than or equal to 50"),
         ({"queries": ["x" * 2049]}, "queries.0", "at most 2048 characters"),
-        ({"queries": ["x"] * 65}, "queries", "at most 64 items"),
+        ({"queries": ["x"] * 16385}, "queries", "at most 16384 items"),
         ({"queries": ["x"], "return_scores": "yes"}, "return_scores", "valid boolean"),
         ({"queries": ["x"], "exclude": ["doc1"]}, "exclude", "valid dictionary"),
         ({"queries": ["x"], "exclude": {"ids": "doc1"}}, "exclude.ids", "valid list"),
@@ -175,7 +198,7 @@ def test_exclude_hides_the_source_and_its_duplicates_and_keeps_topk(server_with_
     assert not {"doc7", "dup107"} & {h["document"]["id"] for hits in hidden for h in hits}  # every query of it
     assert [h["document"]["id"] for h in hidden[0]] == [h.id for h in toy.search(["topic7 text"], 6)[0][2:]]
     # Without the field the answer is the retriever's own top-k, exactly as before the field existed.
-    expected = [[{"document": {"id": h.id, "contents": h.contents}, "score": h.score} for h in hits]
+    expected = [[{"document": hit_document(h), "score": h.score} for h in hits]
                 for hits in toy.search(body["queries"], 4)]
     assert plain == expected
 
@@ -322,7 +345,7 @@ async def test_batcher_respects_max_batch_and_drains_on_close():
 def test_server_shutdown_answers_requests_in_flight():
     retriever = ToyRetriever(delay_s=0.5)
     app = create_app(retriever, ServerConfig(batch_wait_ms=50))
-    batcher = app.state.batcher
+    batcher = app.batcher
     with ThreadPoolExecutor(4) as pool:
         with running_server(app) as url:
             post = functools.partial(httpx.post, f"{url}/retrieve", timeout=30)
@@ -586,15 +609,15 @@ _json_values = st.recursive(
 def test_parse_retrieve_request_accepts_exactly_the_schema(queries, topk, return_scores, drop):
     import json
 
-    config = ServerConfig(max_topk=10, max_query_chars=12, max_batch=5, default_topk=3)
+    config = ServerConfig(max_topk=10, max_query_chars=12, max_queries=5, default_topk=3)
     fields = {"queries": queries, "topk": topk, "return_scores": return_scores}
     body = {k: v for k, v in fields.items() if k not in drop}
     valid = (
-        "queries" in body and isinstance(queries, list) and 1 <= len(queries) <= 5
+        "queries" in body and isinstance(queries, list) and len(queries) <= 5
         and all(isinstance(q, str) and len(q) <= 12 for q in queries)
         and ("topk" not in body or topk is None
              or (not isinstance(topk, bool) and isinstance(topk, (int, float)) and float(topk).is_integer()
-                 and 1 <= topk <= 10))
+                 and 0 <= topk <= 10))
         and ("return_scores" not in body or isinstance(return_scores, bool))
     )
     try:
@@ -607,7 +630,7 @@ def test_parse_retrieve_request_accepts_exactly_the_schema(queries, topk, return
         return
     assert valid, body
     assert parsed_queries == queries
-    assert parsed_topk == (3 if body.get("topk") is None else int(topk)) and isinstance(parsed_topk, int)
+    assert parsed_topk == (int(topk) or 3 if body.get("topk") is not None else 3) and isinstance(parsed_topk, int)
     assert parsed_scores is body.get("return_scores", False)
     assert parsed.exclusion is None  # no "exclude" field: nothing hidden, as before the field existed
 

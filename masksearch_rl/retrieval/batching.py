@@ -1,10 +1,14 @@
 """Micro-batching of concurrent search requests into one retriever call.
 
-Why: during RL rollouts hundreds of agents each send one or two queries at a time. BM25 (bm25s) and dense
-encoders are many times faster per query on a batch than one query at a time, and the retriever already uses every
-core, so running requests side by side in threads only adds contention. The batcher queues requests, waits a few
-milliseconds for company, runs ONE ``retriever.search`` on the union in a worker thread (the event loop keeps
-accepting requests meanwhile), then hands each request its own slice of the results.
+Why: during RL rollouts hundreds of agents each send one or two queries at a time. BM25 and dense encoders are
+many times faster per query on a batch than one query at a time, and the retriever already uses every core, so
+running requests side by side in threads only adds contention. The batcher queues requests, runs ONE
+``retriever.search`` on the union in a worker thread (the event loop keeps accepting requests meanwhile), then hands
+each request its own slice of the results. Requests that arrive while a batch is searched form the next batch.
+
+Waiting for company is adaptive: the batcher waits (at most ``wait_ms``) only while fewer requests are queued than
+the previous batch answered, i.e. while clients it just answered are likely on their way back. A lone client is
+never kept waiting: its previous batch held one request, so there is no one to wait for.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ class _Request:
 class MicroBatcher:
     """Collects queries from concurrent callers and runs them through ``search_fn`` in batches.
 
-    A batch takes every request queued while the previous batch was searched, up to ``max_batch`` queries; with
-    ``wait_ms`` > 0 it waits that long once for more when it is not full. One batch runs at a time. A request is
-    never split across batches, so a single request may carry at most ``max_batch`` queries. If a batch fails,
-    each of its requests is retried alone, so only the requests that really fail see the error.
+    A batch takes every request queued while the previous batch was searched, up to ``max_batch`` queries, and
+    waits up to ``wait_ms`` for more only while fewer requests are queued than the previous batch held (module
+    docstring). One batch runs at a time. A request of any length is cut into pieces of at most ``max_batch``
+    queries, queued together, so a large request is searched in bounded batches and its answer reassembled. If a
+    batch fails, each of its pieces is retried alone, so only the requests that really fail see the error.
     """
 
     def __init__(self, search_fn: SearchFn, max_batch: int = 64, wait_ms: float = 2.0):
@@ -58,6 +63,8 @@ class MicroBatcher:
         self._closing = False
         self._queued_queries = 0
         self._in_flight_queries = 0
+        self._last_batch_requests = 0  # requests the previous batch answered: the company worth waiting for
+        self._arrival: asyncio.Future | None = None  # set when a request is queued while the collector waits
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -92,18 +99,34 @@ class MicroBatcher:
         return self._in_flight_queries
 
     async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
-        """Queue ``queries`` and wait for their hits (one list per query, at most ``topk`` each)."""
+        """Queue ``queries`` (any number) and wait for their hits (one list per query, at most ``topk`` each)."""
         if self._worker is None or self._closing:
             raise BatcherClosed("the retrieval batcher is not running (server starting up or shutting down)")
         if not queries:
             return []
-        if len(queries) > self.max_batch:
-            raise ValueError(f"a request may carry at most {self.max_batch} queries, got {len(queries)}")
         assert self._queue is not None
-        future = asyncio.get_running_loop().create_future()
-        self._queued_queries += len(queries)
-        self._queue.put_nowait(_Request(list(queries), topk, future))
-        return await future
+        loop = asyncio.get_running_loop()
+        step = self.max_batch
+        futures = []
+        for start in range(0, len(queries), step):
+            piece = list(queries[start : start + step])
+            future = loop.create_future()
+            self._queued_queries += len(piece)
+            self._queue.put_nowait(_Request(piece, topk, future))
+            futures.append(future)
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+        if len(futures) == 1:
+            results = await futures[0]
+        else:
+            try:
+                parts = [await future for future in futures]
+            finally:  # a cancelled caller: its pieces still queued are skipped by the worker
+                for future in futures:
+                    future.cancel()
+            results = [hits for part in parts for hits in part]
+        self.stats["requests"] += 1
+        return results
 
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
@@ -118,7 +141,8 @@ class MicroBatcher:
         """Gather one batch; returns it and whether the shutdown sentinel was reached.
 
         Under load, requests pile up while the previous batch is searched, so taking what is queued already makes
-        big batches. ``wait_s`` optionally waits once more for stragglers when the batch is not full.
+        big batches. While fewer requests are queued than the previous batch answered, it waits (``wait_s`` at
+        most) for the rest of them.
         """
         assert self._queue is not None
         first = self._carry if self._carry is not None else await self._queue.get()
@@ -126,15 +150,18 @@ class MicroBatcher:
         if first is None:
             return [], True
         batch, size = [first], len(first.queries)
-        waited = False
+        loop = asyncio.get_running_loop()
+        deadline = None
         while size < self.max_batch:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                if waited or self.wait_s <= 0:
+                if self.wait_s <= 0 or len(batch) >= self._last_batch_requests:
                     break
-                waited = True
-                await asyncio.sleep(self.wait_s)
+                if deadline is None:
+                    deadline = loop.time() + self.wait_s
+                if not await self._wait_for_arrival(loop, deadline):
+                    break
                 continue
             if item is None:
                 return batch, True
@@ -145,12 +172,27 @@ class MicroBatcher:
             size += len(item.queries)
         return batch, False
 
+    async def _wait_for_arrival(self, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
+        """Wait until a request is queued (True) or ``deadline`` passes (False)."""
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        arrival = self._arrival = loop.create_future()
+        timer = loop.call_later(remaining, lambda: arrival.done() or arrival.set_result(None))
+        try:
+            await arrival
+        finally:
+            timer.cancel()
+            self._arrival = None
+        return not self._queue.empty()
+
     async def _serve(self, batch: list[_Request]) -> None:
         size = sum(len(r.queries) for r in batch)
         self._queued_queries -= size
         self._in_flight_queries = size
         try:
             live = [r for r in batch if not r.future.done()]  # callers that gave up are skipped
+            self._last_batch_requests = len(live)
             if not live:
                 return
             try:
@@ -186,7 +228,6 @@ class MicroBatcher:
     def _deliver(self, request: _Request, results: list[list[Hit]]) -> None:
         if not request.future.done():
             request.future.set_result([hits[: request.topk] for hits in results])
-            self.stats["requests"] += 1
             self.stats["queries"] += len(request.queries)
 
     def _fail(self, request: _Request, err: Exception) -> None:
