@@ -1,25 +1,34 @@
-"""BM25 over a passage collection, with bm25s (sparse precomputed scores, numba-compiled batched retrieval).
+"""BM25 over a passage collection: a streaming indexer, block-compressed postings and a compiled top-k kernel.
 
-Why bm25s: it precomputes every (term, passage) BM25 weight into a CSC matrix at build time, so a query is a sum of
-a few posting lists plus a top-k selection. We keep bm25s for tokenising, building and storing the index, but query it
-with our own compiled kernel (:func:`_bm25_topk_batch`): bm25s scores every query into a dense array of all N
-passages and scans all N for the top k, ~1.5-3 ms a query at N = 1M however short the query's posting lists are.
-Our kernel touches only the passages in the query's posting lists, and skips most of the long low-weight lists
-once they can no longer change the top k (MaxScore), so a query costs about what its rarer terms' postings cost;
-its results are bm25s' own, bit for bit.
+Why our own index (it used to be bm25s'): bm25s tokenises the whole corpus into memory and stores a float32 weight
+and an int32 row per posting (8 bytes), so at 1M passages a build took 2.4 GB and the index 969 MB, twice Lucene's
+time and three times its size. Here the build streams the corpus in chunks, writes each chunk's postings to a
+temporary run, and merges the runs term range by term range, so memory stays bounded whatever the corpus size. The
+postings of a term are stored in blocks of 128: the first row of the block, then the row gaps and the term
+frequencies bit-packed at the width the block needs (~2 bytes a posting instead of 8). Weights are computed at
+query time from the term frequency and the passage length, as Lucene does.
 
-Memory: tokenising a big corpus into Python lists of ints costs ~8 bytes a token plus a list per passage; we keep
-the token ids in one flat ``int32`` array instead (4 bytes a token) and hand bm25s a lazy view over it.
+Scoring is Lucene's BM25: ``idf(t) * tf / (tf + k1 * (1 - b + b * len / avglen))`` with
+``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``; a query term given twice counts twice. Defaults: k1 1.5, b 0.75, the
+English stopword list Lucene uses (33 words) and the Snowball English stemmer. The ``pyserini`` preset is
+Anserini's defaults (k1 0.9, b 0.4, Porter stemmer, Lucene's tokenisation of numbers, initials and possessives),
+for results close to a pyserini index of the same corpus.
+
+Search (:func:`_bm25_topk_batch`) touches only the passages in the query's posting lists, rarest term first; once
+the k-th best partial score beats all that the remaining terms can add (MaxScore), their long, low-weight lists are
+only looked up for the candidates left. Results: hits with score > 0, best first, equal scores by lower row.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,165 +39,455 @@ from masksearch_rl.retrieval.types import Hit
 
 logger = logging.getLogger(__name__)
 
+BLOCK = 128  # postings per block
+# Lucene's English stop words (EnglishAnalyzer.ENGLISH_STOP_WORDS_SET; the same 33 words as bm25s' "en").
+LUCENE_STOPWORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their then there these they "
+    "this to was will with".split()
+)
+TOKEN_PATTERNS = {
+    "words": r"\w\w+",  # words of two or more characters (bm25s' and scikit-learn's default)
+    "lucene": r"\w+(?:[.,'’]\w+)*",  # keeps 2,345,002 / 3.5 / u.s / o'neil whole, as Lucene's StandardTokenizer
+}
+PRESETS = {"pyserini": {"k1": 0.9, "b": 0.4, "stemmer": "porter", "stopwords": "en", "tokens": "lucene"}}
+
 
 @dataclass
 class Bm25Options:
-    """Build-time settings (stored in the manifest; changing them needs a rebuild)."""
+    """Build-time settings (stored in the manifest; changing them needs a rebuild). ``preset`` only records which
+    preset (see ``PRESETS``) the other fields came from."""
 
     k1: float = 1.5
     b: float = 0.75
-    method: str = "lucene"  # bm25s scoring variant: robertson, lucene, atire, bm25l, bm25+
-    stemmer: str = "english"  # PyStemmer language; "" disables stemming
-    stopwords: str = "en"  # bm25s stopword list name; "" disables stopword removal
+    stemmer: str = "english"  # PyStemmer algorithm (english, porter, ...); "" disables stemming
+    stopwords: str = "en"  # "en": Lucene's 33 English stop words; "" disables stopword removal
+    tokens: str = "words"  # a key of TOKEN_PATTERNS
+    preset: str = ""
 
     def __post_init__(self) -> None:
         if self.k1 < 0:
             raise ValueError(f"bm25 option k1 must be >= 0, got {self.k1}")
         if not 0 <= self.b <= 1:
             raise ValueError(f"bm25 option b must be in [0, 1], got {self.b}")
-        if self.method not in ("robertson", "lucene", "atire", "bm25l", "bm25+"):
-            raise ValueError(f"bm25 option method must be robertson|lucene|atire|bm25l|bm25+, got {self.method!r}")
+        if self.stopwords not in ("en", ""):
+            raise ValueError(f"bm25 option stopwords must be 'en' or '', got {self.stopwords!r}")
+        if self.tokens not in TOKEN_PATTERNS:
+            raise ValueError(f"bm25 option tokens must be one of {', '.join(TOKEN_PATTERNS)}, got {self.tokens!r}")
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown bm25 preset {self.preset!r} (known: {', '.join(PRESETS)})")
+
+    @classmethod
+    def with_preset(cls, preset: str = "", **options) -> Bm25Options:
+        """Options of ``preset`` (if any), overridden by the ``options`` given."""
+        if preset and preset not in PRESETS:
+            raise ValueError(f"unknown bm25 preset {preset!r} (known: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS.get(preset, {}), **options, "preset": preset})
 
 
-def _make_stemmer(language: str):
-    if not language:
-        return None
-    import Stemmer  # PyStemmer
-
-    return Stemmer.Stemmer(language)
-
-
-def _make_tokenizer(options: Bm25Options):
-    import bm25s
-
-    return bm25s.tokenization.Tokenizer(
-        lower=True, stopwords=options.stopwords or None, stemmer=_make_stemmer(options.stemmer)
-    )
+def _ascii_word_table() -> bytes:
+    """bytes.translate table: ASCII letters lower-cased, digits and ``_`` kept, everything else ASCII a space;
+    bytes >= 128 (UTF-8 sequences) are only ever seen in texts that take the regex path."""
+    table = bytearray(range(256))
+    for code in range(128):
+        char = chr(code)
+        table[code] = ord(char.lower()) if char.isalnum() or char == "_" else 32
+    return bytes(table)
 
 
-class _FlatTokenIds(Sequence):
-    """Token ids of every passage in one ``int32`` array + offsets; iterating yields one list at a time."""
-
-    def __init__(self) -> None:
-        self._ids = array("i")
-        self._offsets = array("q", [0])
-
-    def append(self, ids: list[int]) -> None:
-        self._ids.extend(ids)
-        self._offsets.append(len(self._ids))
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, row):  # type: ignore[override]
-        if isinstance(row, slice):
-            return [self[i] for i in range(*row.indices(len(self)))]
-        return self._ids[self._offsets[row] : self._offsets[row + 1]].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        ids, offsets = self._ids, self._offsets
-        for row in range(len(offsets) - 1):
-            yield ids[offsets[row] : offsets[row + 1]].tolist()
-
-    @property
-    def nbytes(self) -> int:
-        return self._ids.itemsize * len(self._ids) + self._offsets.itemsize * len(self._offsets)
+_ASCII_WORDS = _ascii_word_table()
 
 
-def build_bm25(texts: Iterable[str], out_dir: Path, options: Bm25Options, total: int | None = None,
-               show_progress: bool = True) -> None:
-    """Tokenise ``texts`` (streamed, in docstore row order) and save a bm25s index into ``out_dir``."""
-    import bm25s
-    from bm25s.tokenization import Tokenized
+class Analyzer:
+    """Text -> term ids: lower-case, split into tokens, drop stop words, stem; one cache entry per surface word.
+
+    ``vocab`` maps terms (stems) to ids. With ``grow`` (indexing) unseen terms get new ids; without (queries)
+    unknown words are dropped. Surface words are cached as UTF-8 bytes: an ASCII text in the ``words`` mode is
+    split by ``bytes.translate`` + ``split`` (four times faster than the regex, same tokens), others by the regex.
+    """
+
+    def __init__(self, options: Bm25Options, vocab: dict[str, int] | None = None, grow: bool = False):
+        self.pattern = re.compile(TOKEN_PATTERNS[options.tokens])
+        self.fast_ascii = options.tokens == "words"
+        self.min_chars = 2 if options.tokens == "words" else 1
+        self.stopwords = LUCENE_STOPWORDS if options.stopwords else frozenset()
+        self.possessive = options.tokens == "lucene"
+        if options.stemmer:
+            import Stemmer  # PyStemmer
+
+            self.stem = Stemmer.Stemmer(options.stemmer).stemWord
+        else:
+            self.stem = None
+        self.vocab = vocab if vocab is not None else {}
+        self.grow = grow
+        self.words: dict[bytes, int] = {}  # surface word -> term id; -1: dropped (stop word, too short, unknown)
+        self.names: list[str] = list(self.vocab)  # term id -> term
+
+    def words_of(self, text: str) -> list[bytes]:
+        if self.fast_ascii and text.isascii():
+            return text.encode().translate(_ASCII_WORDS).split()
+        return [word.encode() for word in self.pattern.findall(text.lower())]
+
+    def _resolve(self, raw: bytes) -> int:
+        word = raw.decode()
+        token = word[:-2] if self.possessive and word.endswith(("'s", "’s")) else word
+        if len(token) < self.min_chars or token in self.stopwords:
+            term_id = -1
+        else:
+            term = self.stem(token) if self.stem else token
+            term_id = self.vocab.get(term, -1)
+            if term_id < 0 and self.grow:
+                term_id = self.vocab[term] = len(self.vocab)
+                self.names.append(term)
+        if self.grow or len(self.words) < 1_000_000:  # a query cache must not grow without bound
+            self.words[raw] = term_id
+        return term_id
+
+    def raw_ids(self, text: str) -> list[int]:
+        """One id per token of ``text``, -1 for dropped ones (the indexer filters them in bulk)."""
+        words = self.words_of(text)
+        ids = list(map(self.words.get, words))
+        if None in ids:  # resolve each new word once (set operations run in C), then look up again
+            for word in set(words).difference(self.words):
+                self._resolve(word)
+            ids = list(map(self.words.get, words))
+            if None in ids:  # queries past the cache limit: unknown and uncached words are dropped
+                ids = [-1 if i is None else i for i in ids]
+        return ids
+
+    def term_ids(self, text: str) -> list[int]:
+        """The term ids of ``text`` in order (stop words and, for queries, unknown words dropped)."""
+        ids = self.raw_ids(text)
+        return [i for i in ids if i >= 0] if -1 in ids else ids
+
+
+# ----------------------------------------------------------------------------------------------------- files
+TERMS_FILE = "terms.txt"  # one term per line, line number = term id
+ARRAYS = ("doc_len", "term_df", "term_block", "term_max", "block_base", "block_off", "block_bits", "payload")
+
+
+def _chunks(texts: Iterable[str], size: int) -> Iterable[list[str]]:
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_bm25(texts: Iterable[str], out_dir: Path, options: Bm25Options, show_progress: bool = True,
+               workers: int | None = None, batch_docs: int = 25_000, merge_postings: int = 8_000_000) -> None:
+    """Index ``texts`` (streamed, in docstore row order) into ``out_dir``; memory stays bounded.
+
+    Pass 1 tokenises ``batch_docs`` passages at a time, in ``workers`` processes (default: one per core, at most 4;
+    a corpus of one batch stays in this process), into sorted runs of (term, row, tf) on disk. Each worker returns
+    the terms of its batch as strings with batch-local ids, which this process maps to the global vocabulary (in
+    corpus order of first occurrence, so builds are reproducible). Pass 2 merges the runs ``merge_postings``
+    postings at a time, in term order, into the compressed blocks.
+    """
     from tqdm.auto import tqdm
 
-    tokenizer = _make_tokenizer(options)
-    token_ids = _FlatTokenIds()
-    stream = tokenizer.streaming_tokenize(texts, update_vocab=True, allow_empty=True)
-    for ids in tqdm(stream, total=total, desc="BM25 tokenise", unit="psg", disable=not show_progress):
-        token_ids.append(ids)
-    logger.info("tokenised %d passages: %.1f MB of token ids, %d terms", len(token_ids), token_ids.nbytes / 2**20,
-                len(tokenizer.get_vocab_dict()))
-    retriever = bm25s.BM25(k1=options.k1, b=options.b, method=options.method, backend=_backend())
-    if retriever.backend == "numba" and hasattr(retriever, "activate_numba_csc"):
-        # bm25s 0.3 does not switch this on by itself: a counting-sort CSC builder, linear time and without the
-        # 16 bytes per (term, passage) entry that the numpy argsort builder allocates. Cached like the kernels.
-        retriever.activate_numba_csc()
-        _enable_cache(retriever._np_csc)
-    retriever.index(Tokenized(ids=token_ids, vocab=tokenizer.get_vocab_dict()), show_progress=show_progress)
-    retriever.save(out_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    doc_len = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".runs-") as tmp, \
+            _BatchTokenizer(options, workers) as tokenizer:
+        runs, base, df = [], 0, np.zeros(0, dtype=np.int64)
+        progress = tqdm(desc="BM25 index", unit="psg", disable=not show_progress)
+        for terms, batch_terms, rows, tfs, lengths in tokenizer.map(_chunks(texts, batch_docs)):
+            global_ids = np.fromiter((vocab.setdefault(term, len(vocab)) for term in terms), dtype=np.int64,
+                                     count=len(terms))
+            keys = global_ids[batch_terms] * len(lengths) + rows
+            order = np.argsort(keys)  # global term order differs from the batch's
+            run = _Run(Path(tmp) / f"run{len(runs)}")  # sorted by term, then row
+            run_terms = global_ids[batch_terms[order]]
+            run.write(run_terms, rows[order].astype(np.int64) + base, tfs[order])
+            counts = np.bincount(run_terms, minlength=len(vocab))
+            df = np.concatenate([df, np.zeros(len(counts) - len(df), dtype=np.int64)]) + counts
+            runs.append(run)
+            doc_len.append(lengths)
+            base += len(lengths)
+            progress.update(len(lengths))
+        progress.close()
+        doc_len = np.concatenate(doc_len) if doc_len else np.zeros(0, dtype=np.uint32)
+        logger.info("tokenised %d passages in %.1fs (%d workers): %d terms, %d postings", len(doc_len),
+                    time.perf_counter() - started, tokenizer.workers, len(df), int(df.sum()))
+        started = time.perf_counter()
+        _merge_runs(runs, df, doc_len, options, out_dir, merge_postings)
+        logger.info("merged %d runs in %.1fs", len(runs), time.perf_counter() - started)
+    with open(out_dir / TERMS_FILE, "w", encoding="utf-8") as handle:
+        for term in vocab:  # dicts keep insertion order: line i is term id i
+            handle.write(term.replace("\n", " ") + "\n")
 
 
-def _backend() -> str:
-    """numba when installed (compiled, parallel batched retrieval), else bm25s' numpy backend."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        logger.warning("numba is not installed: BM25 falls back to the (much slower) numpy backend")
-        return "numpy"
-    _cache_numba_kernels()
-    return "numba"
+_worker_analyzer: Analyzer | None = None
 
 
-_kernels_cached = False
+def _init_worker(options: Bm25Options) -> None:
+    global _worker_analyzer
+    _worker_analyzer = Analyzer(options, grow=True)
 
 
-def _cache_numba_kernels() -> None:
-    """Turn on numba's on-disk cache for bm25s' retrieval kernels (bm25s compiles them without it).
+def _tokenize_batch(texts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch's postings: ``(terms, batch_terms, rows, tfs, lengths)`` where ``terms[batch_terms[i]]`` is the
+    term of posting ``i``, sorted by batch term then row; ``lengths`` are the passages' token counts."""
+    analyzer = _worker_analyzer
+    tokens, flat = array("q"), array("q")
+    for text in texts:
+        ids = analyzer.raw_ids(text)
+        tokens.append(len(ids))
+        flat.extend(ids)
+    rows = np.repeat(np.arange(len(texts), dtype=np.int64), np.frombuffer(tokens, dtype=np.int64))
+    terms = np.frombuffer(flat, dtype=np.int64)
+    kept = terms >= 0
+    rows, terms = rows[kept], terms[kept]
+    lengths = np.bincount(rows, minlength=len(texts)).astype(np.uint32)
+    used, local = np.unique(terms, return_inverse=True)  # the worker's term ids -> this batch's
+    keys = local.astype(np.int64) * len(texts) + rows
+    keys.sort()
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    tfs = np.minimum(np.diff(np.append(starts, len(keys))), 2**16 - 1).astype(np.uint16)
+    keys = keys[starts]
+    names = analyzer.names
+    return ([names[i] for i in used.tolist()], (keys // len(texts)).astype(np.int64),
+            (keys % len(texts)).astype(np.int32), tfs, lengths)
 
-    Why: compiling the parallel batched kernel takes 10-25 s on 2 cores, paid by every new process (server start,
-    each test run). With the cache it is paid once per installation; numba re-validates the cache against the
-    bm25s source files, so an upgrade recompiles.
+
+class _BatchTokenizer:
+    """``map(batches)`` -> :func:`_tokenize_batch` of each, in order: in worker processes (at most two batches
+    each in flight, so memory stays bounded), or in this process for a corpus of one batch or ``workers=1``."""
+
+    def __init__(self, options: Bm25Options, workers: int | None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.options = options
+        self.workers = max(1, workers or min(4, cores))
+        self.pool = None
+
+    def map(self, batches: Iterable[list[str]]):
+        from collections import deque
+
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        second = next(batches, None)
+        if second is None or self.workers == 1:  # small corpus: no process start-up
+            _init_worker(self.options)
+            for batch in _chain(first, second, batches):
+                yield _tokenize_batch(batch)
+            return
+        import multiprocessing
+
+        self.pool = multiprocessing.get_context("spawn").Pool(self.workers, _init_worker, (self.options,))
+        pending = deque()
+        for batch in _chain(first, second, batches):
+            pending.append(self.pool.apply_async(_tokenize_batch, (batch,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def __enter__(self) -> _BatchTokenizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] is not None else self.pool.close()
+            self.pool.join()
+
+
+def _chain(first, second, rest):
+    yield first
+    if second is not None:
+        yield second
+        yield from rest
+
+
+class _Run:
+    """One chunk's postings on disk, sorted by (term, row): three flat files read back slice by slice.
+
+    Why files read with ``np.fromfile`` rather than memory maps: pages of a mapped file count in the process's
+    resident set once read, and the merge reads every run whole.
     """
-    global _kernels_cached
-    if _kernels_cached:
-        return
-    from bm25s.numba import retrieve_utils
 
-    for name in ("_retrieve_internal_jitted_parallel", "_retrieve_internal_jitted_serial"):  # bm25s 0.3 names
-        if hasattr(retrieve_utils, name):
-            _enable_cache(getattr(retrieve_utils, name))
-    _kernels_cached = True
+    FIELDS = (("terms", np.int32), ("rows", np.int32), ("tfs", np.uint16))
+
+    def __init__(self, stem: Path):
+        self.stem = stem
+
+    def write(self, terms: np.ndarray, rows: np.ndarray, tfs: np.ndarray) -> None:
+        for (name, dtype), values in zip(self.FIELDS, (terms, rows, np.minimum(tfs, 2**16 - 1))):
+            values.astype(dtype).tofile(f"{self.stem}.{name}")
+
+    def term_range(self, first: int, last: int) -> tuple[int, int]:
+        terms = np.memmap(f"{self.stem}.terms", dtype=np.int32, mode="r")  # binary search: a few pages only
+        lo, hi = np.searchsorted(terms, [first, last])
+        del terms
+        return int(lo), int(hi)
+
+    def read(self, name: str, lo: int, hi: int) -> np.ndarray:
+        dtype = dict(self.FIELDS)[name]
+        return np.fromfile(f"{self.stem}.{name}", dtype=dtype, count=hi - lo, offset=lo * np.dtype(dtype).itemsize)
 
 
-def _enable_cache(dispatcher) -> None:
-    try:
-        dispatcher.enable_caching()
-    except (AttributeError, RuntimeError) as err:  # no writable cache location: compile per process instead
-        logger.info("numba cache unavailable for %s: %s", getattr(dispatcher, "__name__", dispatcher), err)
+def _norms(doc_len: np.ndarray, options: Bm25Options) -> np.ndarray:
+    """``k1 * (1 - b + b * len / avglen)`` per passage (float32): the length part of every BM25 weight."""
+    avg = float(doc_len.mean()) if len(doc_len) and doc_len.mean() > 0 else 1.0
+    return (options.k1 * (1 - options.b + options.b * doc_len.astype(np.float64) / avg)).astype(np.float32)
 
 
-def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, acc, seen, touched, out_rows,
-                       out_scores, out_counts):  # pragma: no cover - runs compiled (see _bm25_kernels)
-    """Exact top-``k`` passages of each query in a batch, doing work in proportion to the query's posting lists.
+def _idf(df: np.ndarray, num_docs: int) -> np.ndarray:
+    return np.log1p((num_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
 
-    ``data/indices/indptr`` are bm25s' CSC score matrix (column = term, rows ascending within a column). Query ``q``
-    is the term ids ``query_ids[query_ptr[q]:query_ptr[q + 1]]``; a repeated term counts again, as in bm25s.
-    ``term_max[t]`` caches the largest weight of term ``t`` (NaN until first needed; +inf if it has a negative one).
 
-    The batch is cut into ``acc.shape[0]`` interleaved slices, one per thread; slice ``s`` reuses row ``s`` of the
-    scratch arrays, all zero between queries: ``acc`` (float32 partial scores), ``seen`` (0 = passage not reached,
-    else how many query terms it matched so far, capped at 3) and ``touched`` (the passages reached, in order).
+def _merge_runs(runs: list[_Run], df: np.ndarray, doc_len: np.ndarray, options: Bm25Options, out_dir: Path,
+                merge_postings: int) -> None:
+    """Merge the sorted runs into the block files, a bounded range of terms at a time."""
+    num_terms = len(df)
+    blocks_per_term = (df + BLOCK - 1) // BLOCK
+    term_block = np.zeros(num_terms + 1, dtype=np.int64)
+    np.cumsum(blocks_per_term, out=term_block[1:])
+    num_blocks = int(term_block[-1])
+    norms = _norms(doc_len, options)
+    idf = _idf(df, len(doc_len))
+    term_max = np.zeros(num_terms, dtype=np.float32)
+    block_base = np.zeros(num_blocks, dtype=np.uint32)
+    block_off = np.zeros(num_blocks + 1, dtype=np.int64)
+    block_bits = np.zeros((num_blocks, 2), dtype=np.uint8)  # gap width, tf width
+    ends = np.cumsum(df)
+    encode = _encoder()
+    words_written = 0
+    with open(out_dir / "payload.bin", "wb") as payload:
+        first = 0
+        while first < num_terms:
+            # Terms [first, last) hold about merge_postings postings (at least one term).
+            start_postings = int(ends[first - 1]) if first else 0
+            last = int(np.searchsorted(ends, start_postings + merge_postings, side="right"))
+            last = min(max(last, first + 1), num_terms)
+            parts: dict[str, list[np.ndarray]] = {"terms": [], "rows": [], "tfs": []}
+            for run in runs:
+                lo, hi = run.term_range(first, last)
+                for name in parts:
+                    parts[name].append(run.read(name, lo, hi))
+            order = np.argsort(np.concatenate(parts["terms"]), kind="stable")  # within a term, rows stay in order
+            rows = np.concatenate(parts["rows"])[order]
+            tfs = np.concatenate(parts["tfs"])[order]
+            del parts, order
+            weights = tfs / (tfs + norms[rows])  # max per term: the upper bound MaxScore needs
+            counts = df[first:last]
+            nonempty = counts > 0
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            if nonempty.any():
+                term_max[first:last][nonempty] = np.maximum.reduceat(weights, starts[nonempty]) \
+                    * idf[first:last][nonempty]
+            words = np.zeros(len(rows) * 2 // 1 + 4 * (int(term_block[last] - term_block[first])) + 16,
+                             dtype=np.uint32)
+            used = encode(rows.astype(np.int64), tfs.astype(np.int64), counts.astype(np.int64),
+                          int(term_block[first]), block_base, block_off, block_bits, words, words_written)
+            payload.write(words[:used].tobytes())
+            words_written += used
+            first = last
+        block_off[-1] = words_written
+        payload.write(np.zeros(2, dtype=np.uint32).tobytes())  # spare words: the decoder reads one word ahead
+    arrays = {"doc_len": doc_len, "term_df": df.astype(np.uint32), "term_block": term_block, "term_max": term_max,
+              "block_base": block_base, "block_off": block_off, "block_bits": block_bits}
+    for name, values in arrays.items():
+        np.save(out_dir / f"{name}.npy", values)
 
-    Per query, term at a time, highest possible contribution first, into the scratch arrays (sparse):
 
-    - Once the k-th best partial score beats all the remaining terms can add (MaxScore), no passage not reached yet
-      can make the top k: the remaining, usually long and low-weight, posting lists are then only looked up for the
-      candidates, and candidates that can no longer reach the k-th score are dropped after each term.
-    - If the passages reached would pass an eighth of the collection first, bookkeeping costs more than it saves:
-      the query is scored into the whole ``acc`` row (dense, bm25s' way) and all of it is scanned.
+def _encode_blocks(rows, tfs, counts, first_block, block_base, block_off, block_bits, words,
+                   offset):  # pragma: no cover - runs compiled (see _encoder)
+    """Write the postings of consecutive terms (``counts[i]`` each, rows ascending) as blocks into ``words``.
 
-    Scores equal bm25s' bit for bit: dense scoring adds the weights in query order, as bm25s does; a sparse sum in
-    another order can differ only for passages matching 3 or more query terms, which are re-added in query order
-    if they come near the k-th score. Only scores > 0 are hits. Hits go best first into ``out_rows[q]`` /
-    ``out_scores[q]``, their number into ``out_counts[q]``; equal scores rank by lower row.
+    Block layout (32-bit words, from ``block_off[b]``): the row gaps (first one 0: the block's first row is
+    ``block_base[b]``) at ``block_bits[b, 0]`` bits each, then ``tf - 1`` at ``block_bits[b, 1]`` bits each.
+    Returns the number of words written.
+    """
+    pos = 0
+    block = first_block
+    used = 0
+    for term in range(counts.shape[0]):
+        end = pos + counts[term]
+        while pos < end:
+            n = min(128, end - pos)
+            gap_max = 0
+            tf_max = 0
+            for i in range(1, n):
+                gap_max = max(gap_max, rows[pos + i] - rows[pos + i - 1])
+            for i in range(n):
+                tf_max = max(tf_max, tfs[pos + i] - 1)
+            gap_bits = 0
+            while (1 << gap_bits) <= gap_max:
+                gap_bits += 1
+            tf_bits = 0
+            while (1 << tf_bits) <= tf_max:
+                tf_bits += 1
+            block_base[block] = rows[pos]
+            block_off[block] = offset + used
+            block_bits[block, 0] = gap_bits
+            block_bits[block, 1] = tf_bits
+            for field in range(2):
+                width = gap_bits if field == 0 else tf_bits
+                bit = 0
+                for i in range(n):
+                    if field == 0:
+                        value = 0 if i == 0 else rows[pos + i] - rows[pos + i - 1]
+                    else:
+                        value = tfs[pos + i] - 1
+                    if width > 0:
+                        word = used + (bit >> 5)
+                        shift = bit & 31
+                        words[word] |= np.uint32((value << shift) & 0xFFFFFFFF)
+                        if shift + width > 32:
+                            words[word + 1] |= np.uint32(value >> (32 - shift))
+                    bit += width
+                used += (bit + 31) >> 5
+            pos += n
+            block += 1
+    return used
+
+
+def decode_block(block, n, payload, block_base, block_off, block_bits) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and tfs of one block, plainly in numpy (tests' oracle; the kernel decodes inline)."""
+    words = np.asarray(payload, dtype=np.uint64)
+    out = []
+    base = int(block_off[block])
+    for width in (int(block_bits[block, 0]), int(block_bits[block, 1])):
+        bits = np.arange(n, dtype=np.int64) * width
+        low = words[base + (bits >> 5)]
+        high = words[np.minimum(base + (bits >> 5) + 1, len(words) - 1)]
+        values = (((high << np.uint64(32)) | low) >> (bits & 31).astype(np.uint64)) & np.uint64((1 << width) - 1)
+        out.append(values.astype(np.int64))
+        base += (n * width + 31) >> 5
+    gaps, tfs = out
+    return int(block_base[block]) + np.cumsum(gaps), tfs + 1
+
+
+def _bm25_topk_batch(payload, block_base, block_off, block_bits, term_block, term_df, idf, term_max, norms,
+                     query_ids, query_ptr, k, acc, seen, touched, out_rows, out_scores,
+                     out_counts):  # pragma: no cover - runs compiled (see _bm25_kernels)
+    """Top-``k`` passages of each query in a batch, doing work in proportion to the query's posting lists.
+
+    Query ``q`` is the term ids ``query_ids[query_ptr[q]:query_ptr[q + 1]]`` (a repeated term counts again). The
+    batch is cut into ``acc.shape[0]`` interleaved slices, one per thread; slice ``s`` reuses row ``s`` of the
+    scratch arrays, all zero between queries: ``acc`` (partial scores), ``seen`` (1 = passage reached) and
+    ``touched`` (the passages reached, in order).
+
+    Per query, term at a time, highest possible contribution first: every passage of a term's postings is added to
+    (sparse accumulation). Once the k-th best partial score beats all that the remaining terms can add (MaxScore),
+    no passage not reached yet can make the top k: the remaining, usually long and low-weight, posting lists are
+    then only looked up for the candidates, and candidates that can no longer reach the k-th score are dropped after
+    each term. Hits (score > 0) go best first into ``out_rows[q]`` / ``out_scores[q]``, their number into
+    ``out_counts[q]``; equal scores rank by lower row.
     """
 
     def worse(score_a, row_a, score_b, row_b):
         return score_a < score_b or (score_a == score_b and row_a > row_b)
 
     def sift_down(heap_scores, heap_rows, score, row, size):
-        """Put (score, row) at the root of a min-heap (worst first) of ``size`` entries and restore the order."""
         pos = 0
         while True:
             child = 2 * pos + 1
@@ -206,7 +505,7 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
         heap_rows[pos] = row
 
     def offer(heap_scores, heap_rows, size, score, row):
-        """Keep the ``k`` best (score, row) pairs offered so far; returns the heap's new size."""
+        """Keep the ``k`` best (score, row) pairs offered so far in a min-heap; returns its new size."""
         if size < k:
             pos = size
             while pos > 0:
@@ -223,89 +522,28 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
             sift_down(heap_scores, heap_rows, score, row, size)
         return size
 
-    def kth_best(heap_scores, heap_rows, reached, count, scores):
-        """The k-th best score among ``reached[:count]`` (call with count >= k)."""
-        size = 0
-        for i in range(count):
-            doc = reached[i]
-            score = scores[doc]
-            if size < k or worse(heap_scores[0], heap_rows[0], score, doc):  # most are rejected here, inline
-                size = offer(heap_scores, heap_rows, size, score, doc)
-        return heap_scores[0]
-
-    def find(term, row, lo):
-        """First position >= ``lo`` in the posting list of ``term`` whose row is >= ``row`` (galloping search)."""
-        end = indptr[term + 1]
-        hi = lo
-        step = 1
-        while hi < end and indices[hi] < row:
-            lo = hi + 1
-            hi += step
-            step *= 2
-        hi = min(hi, end)
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if indices[mid] < row:
-                lo = mid + 1
+    def decode(block, n, rows_out, tfs_out):
+        """Rows and tfs of block ``block`` (``n`` postings) into ``rows_out[:n]`` / ``tfs_out[:n]``. Reads two words
+        at a time (values are at most 32 bits wide); the payload ends with a spare word for the last read."""
+        base = block_off[block]
+        for field in range(2):
+            width = np.int64(block_bits[block, field])
+            mask = (np.int64(1) << width) - 1
+            bit = np.int64(0)
+            if field == 0:
+                row = np.int64(block_base[block])
+                for i in range(n):
+                    word = base + (bit >> 5)
+                    row += ((np.int64(payload[word]) | (np.int64(payload[word + 1]) << 32)) >> (bit & 31)) & mask
+                    rows_out[i] = row
+                    bit += width
             else:
-                hi = mid
-        return lo
-
-    def upper_bound(term):
-        bound = term_max[term]
-        if np.isnan(bound):
-            bound = np.float32(0.0)
-            for j in range(indptr[term], indptr[term + 1]):
-                if data[j] < 0:
-                    bound = np.float32(np.inf)  # the pruning bounds assume weights >= 0: no pruning with this term
-                    break
-                bound = max(bound, data[j])
-            term_max[term] = bound
-        return bound
-
-    def exact_score(first, last, row):
-        """bm25s' float32 score of ``row``: the query's weights added in query order."""
-        total = np.float32(0.0)
-        for t in range(first, last):
-            term = query_ids[t]
-            pos = find(term, row, indptr[term])
-            if pos < indptr[term + 1] and indices[pos] == row:
-                total += data[pos]
-        return total
-
-    def keep_candidates(reached, count, scores, flags, headroom, theta, margin):
-        """Drop (and reset) passages whose partial score plus ``headroom`` stays below ``theta``; keeps order."""
-        kept = 0
-        for i in range(count):
-            doc = reached[i]
-            if (scores[doc] + headroom) * (1 + margin) >= theta * (1 - margin):
-                reached[kept] = doc
-                kept += 1
-            else:
-                scores[doc] = 0
-                flags[doc] = 0
-        return kept
-
-    def dense_top(scores, heap_scores, heap_rows):
-        """Top k of a whole score row, scanned 64 at a time (a block with nothing above the k-th is skipped);
-        zeroes the row. Rows ascend, so an equal score never displaces a kept one: ``>`` is the tie rule."""
-        size = 0
-        floor = np.float32(0.0)
-        n_docs = scores.shape[0]
-        for base in range(0, n_docs, 64):
-            stop = min(base + 64, n_docs)
-            hit = False
-            for i in range(base, stop):  # branch-free, vectorised
-                hit |= scores[i] > floor
-            if not hit:
-                continue
-            for i in range(base, stop):
-                if scores[i] > floor:
-                    size = offer(heap_scores, heap_rows, size, scores[i], i)
-                    if size == k:
-                        floor = heap_scores[0]
-        scores[:] = 0
-        return size
+                for i in range(n):
+                    word = base + (bit >> 5)
+                    tfs_out[i] = (((np.int64(payload[word]) | (np.int64(payload[word + 1]) << 32)) >> (bit & 31))
+                                  & mask) + 1
+                    bit += width
+            base += (n * width + 31) >> 5
 
     def sort_reached(reached, count, flags):
         """Put ``reached[:count]`` in row order: sorted if few, else read back from the flags in one scan."""
@@ -324,180 +562,154 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
                         reached[count] = i
                         count += 1
 
+    def kth_best(heap_scores, heap_rows, reached, count, scores):
+        """The k-th best score among ``reached[:count]`` (call with count >= k)."""
+        size = 0
+        for i in range(count):
+            doc = reached[i]
+            score = scores[doc]
+            if size < k or worse(heap_scores[0], heap_rows[0], score, doc):
+                size = offer(heap_scores, heap_rows, size, score, doc)
+        return heap_scores[0]
+
     n_queries = query_ptr.shape[0] - 1
     n_slices = acc.shape[0]
-    dense_from = acc.shape[1] // 256
     for s in prange(n_slices):
         scores, flags, reached = acc[s], seen[s], touched[s]
+        block_rows = np.empty(128, dtype=np.int64)
+        block_tfs = np.empty(128, dtype=np.int64)
         for q in range(s, n_queries, n_slices):
             first, last = query_ptr[q], query_ptr[q + 1]
             heap_scores, heap_rows = out_scores[q], out_rows[q]
-            # Float error allowance of the pruning tests (relative), so that rounding never drops a true hit.
-            margin = 1e-4 + 1e-6 * (last - first)
+            margin = 1e-4 + 1e-6 * (last - first)  # float error allowance of the pruning tests (relative)
 
-            # Distinct terms, how often each occurs and its bound, highest bound first (stable sort).
+            # Distinct terms with their repeat counts, highest bound first.
             terms = np.empty(last - first, dtype=np.int64)
             repeats = np.empty(last - first, dtype=np.int64)
             bounds = np.empty(last - first, dtype=np.float64)
             n_terms = 0
             for t in range(first, last):
+                term = query_ids[t]
                 found = -1
                 for u in range(n_terms):
-                    if terms[u] == query_ids[t]:
+                    if terms[u] == term:
                         found = u
-                        break
                 if found >= 0:
                     repeats[found] += 1
                 else:
-                    terms[n_terms] = query_ids[t]
+                    terms[n_terms] = term
                     repeats[n_terms] = 1
                     n_terms += 1
-            in_query_order = n_terms == last - first  # no repeats, and (checked below) no reordering
             for u in range(n_terms):
-                bounds[u] = repeats[u] * upper_bound(terms[u])
-            for u in range(1, n_terms):
-                term, repeat, bound = terms[u], repeats[u], bounds[u]
-                v = u
-                while v > 0 and bounds[v - 1] < bound:
-                    terms[v], repeats[v], bounds[v] = terms[v - 1], repeats[v - 1], bounds[v - 1]
-                    v -= 1
-                if v != u:
-                    in_query_order = False
-                terms[v], repeats[v], bounds[v] = term, repeat, bound
-            # rest[u]: the most terms u.. can add to any passage; left[u]: their postings.
-            rest = np.zeros(n_terms + 1, dtype=np.float64)
-            left = np.zeros(n_terms + 1, dtype=np.int64)
+                bounds[u] = term_max[terms[u]] * repeats[u]
+            order = np.argsort(-bounds[:n_terms], kind="mergesort")
+            terms = terms[:n_terms][order]
+            repeats = repeats[:n_terms][order]
+            bounds = bounds[:n_terms][order]
+            rest = np.zeros(n_terms + 1, dtype=np.float64)  # what terms u.. can still add at most
             for u in range(n_terms - 1, -1, -1):
                 rest[u] = rest[u + 1] + bounds[u]
-                left[u] = left[u + 1] + indptr[terms[u] + 1] - indptr[terms[u]]
 
-            can_prune = rest[0] < np.inf  # the bounds hold for weights >= 0 only
-
-            # Union: every passage in the posting lists becomes a candidate.
             n_reached = 0
-            u = 0
             theta = 0.0
-            pruning = dense = False
-            size = 0  # of the top-k heap
-            while u < n_terms:
-                term, repeat = terms[u], repeats[u]
-                start, end = indptr[term], indptr[term + 1]
-                too_many = n_reached + end - start > dense_from
-                if can_prune and u > 0 and n_reached >= k and (too_many or 2 * left[u] > n_reached):  # worth a check
-                    theta = kth_best(heap_scores, heap_rows, reached, n_reached, scores)
-                    if theta * (1 - margin) > rest[u] * (1 + margin):
-                        pruning = True
-                        break
-                weight = np.float32(repeat)
-                if u == n_terms - 1:
-                    # The last term: a passage it reaches first has its final score right away, so it goes
-                    # straight to the heap, without bookkeeping; passages reached before just get the weight.
-                    for j in range(start, end):
-                        doc = indices[j]
-                        matched = flags[doc]
-                        if matched > 0:
-                            scores[doc] += weight * data[j]
-                            flags[doc] = min(matched + repeat, 3)
+            best = np.float32(0.0)  # the best partial score so far (open mode)
+            candidates_only = False
+            sorted_candidates = False
+            for u in range(n_terms):
+                term, weight_idf = terms[u], idf[terms[u]] * repeats[u]
+                first_block, end_block = term_block[term], term_block[term + 1]
+                df = term_df[term]
+                if not candidates_only and n_reached >= k and theta * (1 - margin) > rest[u] * (1 + margin):
+                    candidates_only = True
+                    kept = 0  # drop candidates that cannot reach theta any more
+                    for i in range(n_reached):
+                        doc = reached[i]
+                        if (scores[doc] + rest[u]) * (1 + margin) >= theta * (1 - margin):
+                            reached[kept] = doc
+                            kept += 1
                         else:
-                            score = data[j]
-                            for _ in range(repeat - 1):  # as bm25s adds a repeated term: one at a time
-                                score += data[j]
-                            if score > 0 and (size < k or worse(heap_scores[0], heap_rows[0], score, doc)):
-                                size = offer(heap_scores, heap_rows, size, score, doc)
-                    u += 1
-                    break
-                if too_many:
-                    dense = True
-                    break
-                for j in range(start, end):
-                    doc = indices[j]
-                    matched = flags[doc]
-                    reached[n_reached] = doc  # branch-free append, kept (counted) only the first time
-                    n_reached += matched == 0
-                    flags[doc] = min(matched + repeat, 3)
-                    scores[doc] += weight * data[j]
-                u += 1
-
-            if dense:
-                for i in range(n_reached):
-                    doc = reached[i]
-                    scores[doc] = 0
-                    flags[doc] = 0
-                for t in range(first, last):  # bm25s' order: its float sums exactly
-                    term = query_ids[t]
-                    for j in range(indptr[term], indptr[term + 1]):
-                        scores[indices[j]] += data[j]
-                size = dense_top(scores, heap_scores, heap_rows)
-            else:
-                # Candidates: no new passages; the remaining terms only for passages that can still make it.
-                if pruning:
-                    n_reached = keep_candidates(reached, n_reached, scores, flags, rest[u], theta, margin)
-                in_row_order = u == 1  # the union of a single posting list is in row order
-                while u < n_terms:
-                    term, repeat = terms[u], repeats[u]
-                    weight = np.float32(repeat)
-                    start, end = indptr[term], indptr[term + 1]
-                    if end - start > 32 * n_reached:  # few candidates: look each one up
-                        if not in_row_order:  # once: dropping candidates keeps the order
-                            sort_reached(reached, n_reached, flags)
-                            in_row_order = True
-                        pos = start
+                            scores[doc] = 0
+                            flags[doc] = 0
+                    n_reached = kept
+                if not candidates_only:
+                    for block in range(first_block, end_block):
+                        n = min(128, df - (block - first_block) * 128)
+                        decode(block, n, block_rows, block_tfs)
+                        for i in range(n):
+                            doc = block_rows[i]
+                            tf = np.float32(block_tfs[i])
+                            score = scores[doc] + np.float32(weight_idf * (tf / (tf + norms[doc])))
+                            scores[doc] = score
+                            best = max(best, score)
+                            if flags[doc] == 0:
+                                flags[doc] = 1
+                                reached[n_reached] = doc
+                                n_reached += 1
+                elif n_reached > 0 and df <= 32 * n_reached:  # many candidates: walk the list, add to them only
+                    for block in range(first_block, end_block):
+                        n = min(128, df - (block - first_block) * 128)
+                        decode(block, n, block_rows, block_tfs)
+                        for i in range(n):
+                            doc = block_rows[i]
+                            if flags[doc] != 0:
+                                tf = np.float32(block_tfs[i])
+                                scores[doc] += np.float32(weight_idf * (tf / (tf + norms[doc])))
+                elif n_reached > 0:  # few candidates: look each one up in the list
+                    if not sorted_candidates:  # dropping candidates later keeps the row order
+                        sort_reached(reached, n_reached, flags)
+                        sorted_candidates = True
+                    block = first_block
+                    decoded = -1
+                    n = 0
+                    pos = 0
+                    for i in range(n_reached):
+                        doc = reached[i]
+                        # Galloping over the blocks' first rows to the block that may hold ``doc``.
+                        step = 1
+                        while block + step < end_block and block_base[block + step] <= doc:
+                            block += step
+                            step *= 2
+                        while block + 1 < end_block and block_base[block + 1] <= doc:
+                            block += 1
+                        if block_base[block] > doc:
+                            continue
+                        if block != decoded:
+                            n = min(128, df - (block - first_block) * 128)
+                            decode(block, n, block_rows, block_tfs)
+                            decoded = block
+                            pos = 0
+                        while pos < n and block_rows[pos] < doc:
+                            pos += 1
+                        if pos < n and block_rows[pos] == doc:
+                            tf = np.float32(block_tfs[pos])
+                            scores[doc] += np.float32(weight_idf * (tf / (tf + norms[doc])))
+                # The k-th best score is worth finding (a pass over every passage reached) only when the best
+                # one already beats what the remaining terms can add: only then can pruning start.
+                hopeful = candidates_only or best * (1 + margin) > rest[u + 1] * (1 - margin)
+                if n_reached >= k and u + 1 < n_terms and hopeful:
+                    theta = max(theta, kth_best(heap_scores, heap_rows, reached, n_reached, scores))
+                    if candidates_only:
+                        kept = 0
                         for i in range(n_reached):
                             doc = reached[i]
-                            pos = find(term, doc, pos)
-                            if pos == end:
-                                break
-                            if indices[pos] == doc:
-                                scores[doc] += weight * data[pos]
-                                flags[doc] = min(flags[doc] + repeat, 3)
-                    else:  # many: walk the list, adding (branch-free) to candidates only
-                        for j in range(start, end):
-                            doc = indices[j]
-                            matched = flags[doc]
-                            candidate = matched > 0
-                            scores[doc] += weight * data[j] * candidate
-                            flags[doc] = min(matched + repeat * candidate, 3)
-                    u += 1
-                    if u < n_terms and n_reached > k:
-                        theta = max(theta, kth_best(heap_scores, heap_rows, reached, n_reached, scores))
-                        n_reached = keep_candidates(reached, n_reached, scores, flags, rest[u], theta, margin)
+                            if (scores[doc] + rest[u + 1]) * (1 + margin) >= theta * (1 - margin):
+                                reached[kept] = doc
+                                kept += 1
+                            else:
+                                scores[doc] = 0
+                                flags[doc] = 0
+                        n_reached = kept
 
-                # Selection; resets the scratch entries used. Sums in another order than bm25s' can differ in the
-                # last bits only for passages matching 3 or more query terms: those are set aside (at the front of
-                # ``reached``, behind the read position) and redone in query order if they may make the top k.
-                n_redo = 0
-                for i in range(n_reached):
-                    doc = reached[i]
-                    score = scores[doc]
-                    if not in_query_order and flags[doc] >= 3 and score > 0:
-                        reached[n_redo] = doc
-                        n_redo += 1
-                        continue
-                    scores[doc] = 0
-                    flags[doc] = 0
-                    if score > 0 and (size < k or worse(heap_scores[0], heap_rows[0], score, doc)):
-                        size = offer(heap_scores, heap_rows, size, score, doc)
-                if n_redo > 0:
-                    bar = 0.0  # below it a passage cannot make the top k, whatever its last bits
-                    if size == k:
-                        bar = heap_scores[0]
-                    if n_redo > k:
-                        redo_scores = np.empty(k, dtype=np.float32)
-                        redo_rows = np.empty(k, dtype=np.int64)
-                        bar = max(bar, kth_best(redo_scores, redo_rows, reached, n_redo, scores))
-                    bar *= 1 - margin
-                    for i in range(n_redo):
-                        doc = reached[i]
-                        score = scores[doc]
-                        scores[doc] = 0
-                        flags[doc] = 0
-                        if score >= bar:
-                            score = exact_score(first, last, doc)
-                            if size < k or worse(heap_scores[0], heap_rows[0], score, doc):
-                                size = offer(heap_scores, heap_rows, size, score, doc)
+            size = 0  # selection; resets the scratch entries used
+            for i in range(n_reached):
+                doc = reached[i]
+                score = scores[doc]
+                scores[doc] = 0
+                flags[doc] = 0
+                if score > 0 and (size < k or worse(heap_scores[0], heap_rows[0], score, doc)):
+                    size = offer(heap_scores, heap_rows, size, score, doc)
             out_counts[q] = size
-            # Heap sort in place: move the worst entry to the end, repeatedly, leaving the best first.
-            for end in range(size - 1, 0, -1):
+            for end in range(size - 1, 0, -1):  # heap sort in place: best first
                 last_score, last_row = heap_scores[end], heap_rows[end]
                 heap_scores[end] = heap_scores[0]
                 heap_rows[end] = heap_rows[0]
@@ -507,34 +719,39 @@ def _bm25_topk_batch(data, indices, indptr, term_max, query_ids, query_ptr, k, a
 # The kernel's loop over slices names ``prange``; numba reads module globals when it compiles, and _bm25_kernels
 # binds this to numba.prange first. Importing numba here instead would add ~1 s to every import of this module.
 prange = range
-_kernels = None
+_compiled: dict[str, object] = {}
 # numba's "workqueue" threading layer (used when neither TBB nor OpenMP is available) aborts the process if two
 # threads run parallel code at once; retrievers of different indexes in one process share this lock.
 _parallel_lock = threading.Lock()
 
 
-def _bm25_kernels():
-    """``(parallel, serial)`` compiled versions of :func:`_bm25_topk_batch`, built on first use.
+def _jit(name: str, function, **flags):
+    """``function`` compiled by numba (cached on disk: the cost is paid once per installation)."""
+    if name not in _compiled:
+        import numba
 
-    Compiled lazily so that importing this module does not import numba. Both are cached on disk (compile cost is
-    paid once per installation) and release the GIL. The serial one serves single-query calls, which gain nothing
-    from numba's thread pool.
-    """
-    global _kernels, prange
-    if _kernels is None:
+        try:
+            _compiled[name] = numba.njit(cache=True, **flags)(function)
+        except RuntimeError as err:  # no writable cache location: compile per process instead
+            logger.info("numba cache unavailable for %s: %s", name, err)
+            _compiled[name] = numba.njit(**flags)(function)
+    return _compiled[name]
+
+
+def _encoder():
+    return _jit("encode", _encode_blocks)
+
+
+def _bm25_kernels():
+    """``(parallel, serial)`` compiled versions of :func:`_bm25_topk_batch`, built on first use; both release the
+    GIL. The serial one serves single-query calls, which gain nothing from numba's thread pool."""
+    global prange
+    if "parallel" not in _compiled:
         import numba
 
         prange = numba.prange
-
-        try:
-            parallel = numba.njit(parallel=True, nogil=True, cache=True)(_bm25_topk_batch)
-            serial = numba.njit(nogil=True, cache=True)(_bm25_topk_batch)
-        except RuntimeError as err:  # no writable cache location: compile per process instead
-            logger.info("numba cache unavailable for the BM25 kernel: %s", err)
-            parallel = numba.njit(parallel=True, nogil=True)(_bm25_topk_batch)
-            serial = numba.njit(nogil=True)(_bm25_topk_batch)
-        _kernels = (parallel, serial)
-    return _kernels
+    return (_jit("parallel", _bm25_topk_batch, parallel=True, nogil=True),
+            _jit("serial", _bm25_topk_batch, nogil=True))
 
 
 def _resolve_threads(n_threads: int) -> int:
@@ -548,64 +765,66 @@ def _resolve_threads(n_threads: int) -> int:
     return min(n_threads, numba.config.NUMBA_NUM_THREADS)
 
 
+def read_terms(index_dir: Path) -> dict[str, int]:
+    """The vocabulary: term -> id (line number of ``terms.txt``)."""
+    with open(Path(index_dir) / TERMS_FILE, encoding="utf-8") as handle:
+        terms = handle.read().split("\n")
+    if terms and terms[-1] == "":
+        terms.pop()
+    return {term: i for i, term in enumerate(terms)}
+
+
 class Bm25Retriever:
-    """Loads a saved bm25s index memory-mapped and answers batches of queries.
+    """A BM25 index directory, memory-mapped, answering batches of queries.
 
-    Thread-safe: ``search`` holds a lock, because the query tokenizer caches stems in plain dicts, the kernel's
-    scratch buffers are shared and numba's thread count is set per call. One batch already uses ``n_threads`` cores,
-    so serialising batches costs nothing.
-
-    Search runs on our kernel (:func:`_bm25_topk_batch`) and returns exactly bm25s' results (same rows and
-    float32 scores; equal scores in row order). Memory: besides the memory-mapped index, 9 bytes per passage per
-    thread of scratch space (float32 scores, a count byte, an int32 "touched" list; only pages that queries reach
-    become resident) and 4 bytes per vocabulary term.
+    Thread-safe: ``search`` holds a lock, because the query analyzer caches words in a plain dict, the kernel's
+    scratch buffers are shared and numba's thread count is set per call. One batch already uses ``n_threads``
+    cores, so serialising batches costs nothing. Memory besides the mapped files: 9 bytes per passage per thread of
+    scratch space (only pages that queries reach become resident), 4 per passage for the length norms, and the
+    vocabulary dict.
     """
 
     kind = "bm25"
 
     def __init__(self, index_dir: str | Path, docstore: DocStore, options: Bm25Options, n_threads: int = -1,
                  mmap: bool = True):
-        import bm25s
-
+        index_dir = Path(index_dir)
         self.docstore = docstore
         self.options = options
-        self.backend = _backend()
-        self.n_threads = _resolve_threads(n_threads) if self.backend == "numba" else 0
-        self._bm25 = bm25s.BM25.load(index_dir, mmap=mmap, backend=self.backend)
-        self._vocab: dict[str, int] = self._bm25.vocab_dict
-        # Reused for every query: the stemmer and the word->stem cache are built once, not per batch.
-        self._tokenizer = _make_tokenizer(options)
-        # With a stemmer the index vocabulary maps stems to ids, without one words to ids; either way queries are
-        # tokenised with update_vocab=False, which only adds to the tokenizer's own word caches.
-        if options.stemmer:
-            self._tokenizer.stem_to_sid = self._vocab
-        else:
-            self._tokenizer.word_to_id = self._vocab
+        self.n_threads = _resolve_threads(n_threads)
+        mode = "r" if mmap else None
+        arrays = {name: np.load(index_dir / f"{name}.npy", mmap_mode=mode) for name in ARRAYS if name != "payload"}
+        arrays["payload"] = np.memmap(index_dir / "payload.bin", dtype=np.uint32, mode="r") \
+            if (index_dir / "payload.bin").stat().st_size else np.zeros(1, dtype=np.uint32)
+        if not mmap:
+            arrays["payload"] = np.array(arrays["payload"])
+        self._arrays = arrays
+        self._num_docs = len(arrays["doc_len"])
+        self._norms = _norms(np.asarray(arrays["doc_len"]), options)
+        self._idf = _idf(np.asarray(arrays["term_df"], dtype=np.float64), self._num_docs)
+        self._vocab = read_terms(index_dir)
+        self._analyzer = Analyzer(options, self._vocab, grow=False)
         self._lock = threading.Lock()
-        if len(self) != len(docstore):
-            raise ValueError(f"{index_dir}: BM25 index has {len(self)} passages but the docstore has {len(docstore)}")
-        # bm25l and bm25+ give every passage a base score for each query term it lacks, so a query's hits are not
-        # confined to its posting lists: those methods (and the numpy backend, without numba) keep bm25s' own search.
-        self.own_kernel = self.backend == "numba" and self._bm25.nonoccurrence_array is None
-        if self.own_kernel:
-            slices, num_docs = self.n_threads, len(self)
-            self._acc = np.zeros((slices, num_docs), dtype=np.float32)
-            self._seen = np.zeros((slices, num_docs), dtype=np.uint8)
-            self._touched = np.empty((slices, num_docs + 1), dtype=np.int32)  # +1: the kernel's branch-free append
-            self._term_max = np.full(len(self._bm25.scores["indptr"]) - 1, np.nan, dtype=np.float32)
-            self._warm_up()
+        if self._num_docs != len(docstore):
+            raise ValueError(f"{index_dir}: BM25 index has {self._num_docs} passages but the docstore has "
+                             f"{len(docstore)}")
+        slices = self.n_threads
+        self._acc = np.zeros((slices, self._num_docs), dtype=np.float32)
+        self._seen = np.zeros((slices, self._num_docs), dtype=np.uint8)
+        self._touched = np.empty((slices, self._num_docs + 1), dtype=np.int32)
+        self._warm_up()
 
     def __len__(self) -> int:
-        return int(self._bm25.scores["num_docs"])
+        return self._num_docs
 
     def _query_ids(self, queries: list[str]) -> list[list[int]]:
-        """Query token ids in the index vocabulary; unknown words and stopwords are dropped, never added."""
-        return list(self._tokenizer.streaming_tokenize(queries, update_vocab=False, allow_empty=False))
+        """Query term ids; unknown words and stop words are dropped."""
+        return [self._analyzer.term_ids(query) for query in queries]
 
     def search_rows(self, queries: list[str], topk: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(rows, scores)`` per query, best first; equal scores in row order.
 
-        Passages scoring 0 share no term with the query and are left out, so a query made only of stopwords or
+        Passages scoring 0 share no term with the query and are left out, so a query made only of stop words or
         unknown words gets no hits rather than ``topk`` arbitrary ones.
         """
         if topk < 1:
@@ -620,28 +839,10 @@ class Bm25Retriever:
             todo = [i for i, ids in enumerate(query_ids) if ids]
             if not todo:
                 return out
-            if self.own_kernel:
-                found = self._search_kernel([query_ids[i] for i in todo], k)
-            else:
-                found = self._search_bm25s([query_ids[i] for i in todo], k)
-        for i, hits in zip(todo, found):
-            out[i] = hits
+            rows, scores, counts = self._run_kernel([query_ids[i] for i in todo], k)
+        for j, (i, n) in enumerate(zip(todo, counts.tolist())):
+            out[i] = (rows[j, :n], scores[j, :n])
         return out
-
-    def _search_kernel(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Our kernel: cost follows the queries' posting lists, not the collection size."""
-        rows, scores, counts = self._run_kernel(query_ids, k)
-        return [(rows[i, :n], scores[i, :n]) for i, n in enumerate(counts.tolist())]
-
-    def _search_bm25s(self, query_ids: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """bm25s' own retrieval (every passage scored): numpy backend, bm25l and bm25+."""
-        rows, scores = self._bm25.retrieve(query_ids, k=k, sorted=True, show_progress=False,
-                                           n_threads=self.n_threads)
-        found = []
-        for row_list, score_list in zip(rows, scores):
-            keep = score_list > 0
-            found.append((np.asarray(row_list[keep], dtype=np.int64), np.asarray(score_list[keep], dtype=np.float32)))
-        return found
 
     def _run_kernel(self, query_ids: list[list[int]], k: int,
                     kernel: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -652,14 +853,13 @@ class Bm25Retriever:
         """
         import numba
 
-        index = self._bm25.scores
+        a = self._arrays
         lengths = np.fromiter(map(len, query_ids), dtype=np.int64, count=len(query_ids))
         query_ptr = np.zeros(len(query_ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=query_ptr[1:])
-        flat = np.fromiter((t for ids in query_ids for t in ids), dtype=np.int32, count=int(query_ptr[-1]))
-        num_terms = len(index["indptr"]) - 1
-        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= num_terms):  # the kernel does not bounds-check
-            raise ValueError(f"query token id outside the index vocabulary (0..{num_terms - 1})")
+        flat = np.fromiter((t for ids in query_ids for t in ids), dtype=np.int64, count=int(query_ptr[-1]))
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= len(self._idf)):  # the kernel does not check
+            raise ValueError(f"query term id outside the index vocabulary (0..{len(self._idf) - 1})")
         rows = np.empty((len(query_ids), k), dtype=np.int64)
         scores = np.empty((len(query_ids), k), dtype=np.float32)
         counts = np.zeros(len(query_ids), dtype=np.int64)
@@ -667,8 +867,9 @@ class Bm25Retriever:
             kernel = "serial" if len(query_ids) <= 1 or self.n_threads == 1 else "parallel"
         slices = 1 if kernel == "serial" else max(1, min(self.n_threads, len(query_ids)))
         parallel, serial = _bm25_kernels()
-        args = (index["data"], index["indices"], index["indptr"], self._term_max, flat, query_ptr, k,
-                self._acc[:slices], self._seen[:slices], self._touched[:slices], rows, scores, counts)
+        args = (a["payload"], a["block_base"], a["block_off"], a["block_bits"], a["term_block"], a["term_df"],
+                self._idf, a["term_max"], self._norms, flat, query_ptr, k, self._acc[:slices], self._seen[:slices],
+                self._touched[:slices], rows, scores, counts)
         if kernel == "serial":
             serial(*args)
         else:
@@ -701,3 +902,21 @@ def to_hits(docstore: DocStore, rows: np.ndarray, scores: np.ndarray) -> list[Hi
         hits.append(Hit(id=doc["id"], contents=doc["contents"], score=float(score)))
     return hits
 
+
+def reference_scores(index_dir: Path, options: Bm25Options, query_ids: list[int]) -> np.ndarray:
+    """BM25 score of every passage for one query, computed plainly from the postings (tests' oracle)."""
+    index_dir = Path(index_dir)
+    arrays = {name: np.load(index_dir / f"{name}.npy") for name in ARRAYS if name != "payload"}
+    payload = np.fromfile(index_dir / "payload.bin", dtype=np.uint32)
+    doc_len = arrays["doc_len"]
+    norms = _norms(doc_len, options).astype(np.float64)
+    idf = _idf(arrays["term_df"].astype(np.float64), len(doc_len)).astype(np.float64)
+    scores = np.zeros(len(doc_len), dtype=np.float64)
+    for term in query_ids:
+        first, end = arrays["term_block"][term], arrays["term_block"][term + 1]
+        df = int(arrays["term_df"][term])
+        for block in range(first, end):
+            n = min(BLOCK, df - (block - first) * BLOCK)
+            rows, tfs = decode_block(block, n, payload, arrays["block_base"], arrays["block_off"], arrays["block_bits"])
+            scores[rows] += idf[term] * tfs / (tfs + norms[rows])
+    return scores
