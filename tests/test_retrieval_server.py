@@ -342,6 +342,37 @@ async def test_batcher_respects_max_batch_and_drains_on_close():
         await batcher.search(["late"], 1)
 
 
+async def test_a_lone_client_never_waits_for_company_but_a_crowd_is_batched():
+    """Adaptive waiting: with a 300 ms allowance, one client alone is answered at once; eight clients that come back
+    after each answer are gathered into one batch per round."""
+    sizes: list[int] = []
+
+    def search(queries: list[str], topk: int) -> list[list[Hit]]:
+        sizes.append(len(queries))
+        return [[Hit(q, q, 1.0)] for q in queries]
+
+    batcher = MicroBatcher(search, max_batch=64, wait_ms=300)
+    await batcher.start()
+    try:
+        alone = []
+        for i in range(10):
+            began = time.perf_counter()
+            assert (await batcher.search([f"q{i}"], 1))[0][0].id == f"q{i}"
+            alone.append(time.perf_counter() - began)
+        assert max(alone) < 0.1, alone  # far below the 300 ms allowance: nobody to wait for
+        assert sizes == [1] * 10
+        sizes.clear()
+
+        async def client(n: int) -> None:
+            for j in range(5):
+                assert (await batcher.search([f"c{n}-{j}"], 1))[0][0].id == f"c{n}-{j}"
+
+        await asyncio.gather(*(client(n) for n in range(8)))
+        assert sum(sizes) == 40 and len(sizes) <= 10, sizes  # ~one batch of 8 per round, not 40 batches of 1
+    finally:
+        await batcher.close()
+
+
 def test_server_shutdown_answers_requests_in_flight():
     retriever = ToyRetriever(delay_s=0.5)
     app = create_app(retriever, ServerConfig(batch_wait_ms=50))

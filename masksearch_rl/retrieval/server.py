@@ -106,8 +106,9 @@ def exposure_warning(host: str, token_env: str | None) -> str | None:
             return None
     except ValueError:  # a host name: it may resolve to anything
         pass
-    return (f"serving on {host or 'all interfaces'}, reachable from other machines, WITHOUT a token: anyone who can reach it can read "
-            f"the corpus. Set --token-env (clients send 'Authorization: Bearer <token>') or bind 127.0.0.1.")
+    return (f"serving on {host or 'all interfaces'}, reachable from other machines, WITHOUT a token: anyone who can "
+            f"reach it can read the corpus. Set --token-env (clients send 'Authorization: Bearer <token>') or bind "
+            f"127.0.0.1.")
 
 
 # ------------------------------------------------------------------------------------------- request validation

@@ -47,7 +47,9 @@ class ServerProcess:
             return True
         if health.status_code != 404:
             return False
-        probe = httpx.post(f"{self.url}/retrieve", json={"queries": ["ready"], "topk": 1}, timeout=60.0)
+        # return_scores as Search-R1's own client sends it: its server fails (500) on a request without it.
+        probe = httpx.post(f"{self.url}/retrieve", json={"queries": ["ready"], "topk": 1, "return_scores": True},
+                           timeout=60.0)
         return probe.status_code == 200
 
     def __enter__(self) -> ServerProcess:
