@@ -23,6 +23,7 @@ index and on Lucene's, and the mean overlap of the two top-3 lists.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -191,29 +192,51 @@ def agreement(ours: list[list[str]], theirs: list[list[str]]) -> dict:
             "mean_top3_overlap": round(overlap / max(1, with_hits), 4)}
 
 
-def measure(server: ServerProcess, queries: list[str], concurrency: list[int], duration_s: float, posts: int,
-            topk: int) -> dict:
-    wrk(server.url, queries[::-1], 16, 3, topk)  # warm-up: JIT, page cache, every worker's first requests
-    rows = []
+def measure(servers: dict[str, ServerProcess], queries: list[str], concurrency: list[int], duration_s: float,
+            rounds: int, posts: int, topk: int) -> dict:
+    """Every server at every level, interleaved: ``rounds`` short wrk runs per server and level, taken in turn
+    (A B A B ...), so that a change in the machine's load (other jobs) falls on both servers alike. A level's
+    figures are the medians over its rounds; ``ratio`` figures are medians of the per-round ratios."""
+    import statistics
+
+    for server in servers.values():
+        wrk(server.url, queries[::-1], 16, 3, topk)  # warm-up: JIT, page cache, every worker's first requests
+    figures: dict = {name: {"single": [], "batched": None} for name in servers}
     for clients in concurrency:
-        row = wrk(server.url, queries, clients, duration_s, topk)
-        print(f"  {server.name:9s} C={clients:3d} {row['qps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-              f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  (wrk {row['wrk_cpu']:.2f} core, "
-              f"load {row['load_avg_1m']})", flush=True)
-        rows.append(row)
-    batch = batched(server.url, queries, posts, topk) if posts else None
-    if batch:
-        print(f"  {server.name:9s} {BATCH_QUERIES} queries/POST: {batch['qps']:8.1f} q/s "
-              f"({batch['seconds_per_post']} s a POST)", flush=True)
-    return {"single": rows, "batched": batch}
+        per_round: dict[str, list[dict]] = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, server in servers.items():
+                per_round[name].append(wrk(server.url, queries, clients, duration_s / rounds, topk))
+        for name, runs in per_round.items():
+            row = {"clients": clients, "rounds": runs,
+                   **{key: round(statistics.median(r[key] for r in runs), 2)
+                      for key in ("qps", "p50_ms", "p99_ms", "load_avg_1m")},
+                   "errors": sum(r["errors"] for r in runs), "requests": sum(r["requests"] for r in runs)}
+            figures[name]["single"].append(row)
+            print(f"  {name:9s} C={clients:3d} {row['qps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+                  f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  (medians of {rounds} rounds; qps by round "
+                  f"{[r['qps'] for r in runs]}, load {[r['load_avg_1m'] for r in runs]})", flush=True)
+    if posts:
+        per_post: dict[str, list[dict]] = {name: [] for name in servers}
+        for _ in range(posts):
+            for name, server in servers.items():
+                per_post[name].append(batched(server.url, queries, 1, topk))
+        for name, runs in per_post.items():
+            figures[name]["batched"] = {"queries_per_post": BATCH_QUERIES, "posts": posts, "rounds": runs,
+                                        "qps": round(statistics.median(r["qps"] for r in runs), 1)}
+            print(f"  {name:9s} {BATCH_QUERIES} queries/POST: {figures[name]['batched']['qps']:8.1f} q/s "
+                  f"(median of {posts}; {[r['qps'] for r in runs]})", flush=True)
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk level")
-    parser.add_argument("--batched-posts", type=int, default=3, help="2,560-query POSTs per server (0: skip)")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds per server and wrk level")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the duration is split into")
+    parser.add_argument("--batched-posts", type=int, default=3,
+                        help="2,560-query POSTs per server, interleaved (0: skip)")
     parser.add_argument("--topk", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench")
@@ -252,12 +275,14 @@ def main() -> None:
         if args.standin:
             servers["stand-in"] = [sys.executable, str(ROOT / "benchmarks" / "searchr1_baseline.py"),
                                    "--index", built["ours_index"]]
-        figures = {}
-        for name, cmd in servers.items():
-            with open(args.work_dir / f"server-{name}-{passages}.log", "w") as log, \
-                    ServerProcess(cmd, name, cwd=ROOT, log=log, startup_timeout_s=900) as server:
-                figures[name] = measure(server, queries, args.concurrency, args.duration, args.batched_posts,
-                                        args.topk)
+        with contextlib.ExitStack() as stack:  # all servers up at once (idle ones cost no CPU), measured in turn
+            running = {}
+            for name, cmd in servers.items():
+                log = stack.enter_context(open(args.work_dir / f"server-{name}-{passages}.log", "w"))
+                running[name] = stack.enter_context(ServerProcess(cmd, name, cwd=ROOT, log=log,
+                                                                  startup_timeout_s=900))
+            figures = measure(running, queries, args.concurrency, args.duration, args.rounds, args.batched_posts,
+                              args.topk)
         agree = None
         if args.agreement and args.searchr1:
             sample = queries[: args.agreement_queries]
@@ -273,14 +298,22 @@ def main() -> None:
             print(f"  top-3 agreement, pyserini preset vs Lucene: {agree}", flush=True)
         base = figures.get("searchr1")
         if base:
-            print(f"\n  {'shape':>22s} {'searchr1':>10s} {'ours':>10s} {'ratio':>7s}")
+            import statistics
+
+            def ratio(mine: dict, theirs: dict) -> float:  # median over the interleaved rounds
+                pairs = zip(mine["rounds"], theirs["rounds"])
+                return round(statistics.median(m["qps"] / t["qps"] for m, t in pairs), 2)
+
+            print(f"\n  {'shape':>22s} {'searchr1':>10s} {'ours':>10s} {'ratio':>7s} {'p99 ours':>9s}")
             for theirs, mine in zip(base["single"], figures["ours"]["single"]):
+                mine["ratio_vs_searchr1"] = ratio(mine, theirs)
                 print(f"  {'C=' + str(mine['clients']) + ' single-query':>22s} {theirs['qps']:10.1f} "
-                      f"{mine['qps']:10.1f} {mine['qps'] / theirs['qps']:6.2f}x")
+                      f"{mine['qps']:10.1f} {mine['ratio_vs_searchr1']:6.2f}x {mine['p99_ms']:7.1f}ms")
             if base["batched"] and figures["ours"]["batched"]:
                 theirs, mine = base["batched"], figures["ours"]["batched"]
+                mine["ratio_vs_searchr1"] = ratio(mine, theirs)
                 print(f"  {'2,560 per POST':>22s} {theirs['qps']:10.1f} {mine['qps']:10.1f} "
-                      f"{mine['qps'] / theirs['qps']:6.2f}x")
+                      f"{mine['ratio_vs_searchr1']:6.2f}x")
         results.append({"build": built, "servers": figures, "agreement": agree,
                         "serve_args": args.serve_args})
         if args.out:  # after each size: a run cut short keeps what it measured

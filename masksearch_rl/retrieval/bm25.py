@@ -177,7 +177,7 @@ def _chunks(texts: Iterable[str], size: int) -> Iterable[list[str]]:
 
 
 def build_bm25(texts: Iterable[str], out_dir: Path, options: Bm25Options, show_progress: bool = True,
-               workers: int | None = None, batch_docs: int = 25_000, merge_postings: int = 8_000_000) -> None:
+               workers: int | None = None, batch_docs: int = 25_000, merge_postings: int = 2_000_000) -> None:
     """Index ``texts`` (streamed, in docstore row order) into ``out_dir``; memory stays bounded.
 
     Pass 1 tokenises ``batch_docs`` passages at a time, in ``workers`` processes (default: one per core, at most 4;
@@ -193,25 +193,25 @@ def build_bm25(texts: Iterable[str], out_dir: Path, options: Bm25Options, show_p
     vocab: dict[str, int] = {}
     doc_len = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".runs-") as tmp, \
-            _BatchTokenizer(options, workers) as tokenizer:
-        runs, base, df = [], 0, np.zeros(0, dtype=np.int64)
-        progress = tqdm(desc="BM25 index", unit="psg", disable=not show_progress)
-        for terms, batch_terms, rows, tfs, lengths in tokenizer.map(_chunks(texts, batch_docs)):
-            global_ids = np.fromiter((vocab.setdefault(term, len(vocab)) for term in terms), dtype=np.int64,
-                                     count=len(terms))
-            keys = global_ids[batch_terms] * len(lengths) + rows
-            order = np.argsort(keys)  # global term order differs from the batch's
-            run = _Run(Path(tmp) / f"run{len(runs)}")  # sorted by term, then row
-            run_terms = global_ids[batch_terms[order]]
-            run.write(run_terms, rows[order].astype(np.int64) + base, tfs[order])
-            counts = np.bincount(run_terms, minlength=len(vocab))
-            df = np.concatenate([df, np.zeros(len(counts) - len(df), dtype=np.int64)]) + counts
-            runs.append(run)
-            doc_len.append(lengths)
-            base += len(lengths)
-            progress.update(len(lengths))
-        progress.close()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".runs-") as tmp:
+        with _BatchTokenizer(options, workers) as tokenizer:  # its worker processes end before the merge
+            runs, base, df = [], 0, np.zeros(0, dtype=np.int64)
+            progress = tqdm(desc="BM25 index", unit="psg", disable=not show_progress)
+            for terms, batch_terms, rows, tfs, lengths in tokenizer.map(_chunks(texts, batch_docs)):
+                global_ids = np.fromiter((vocab.setdefault(term, len(vocab)) for term in terms), dtype=np.int64,
+                                         count=len(terms))
+                keys = global_ids[batch_terms] * len(lengths) + rows
+                order = np.argsort(keys)  # global term order differs from the batch's
+                run = _Run(Path(tmp) / f"run{len(runs)}")  # sorted by term, then row
+                run_terms = global_ids[batch_terms[order]]
+                run.write(run_terms, rows[order].astype(np.int64) + base, tfs[order])
+                counts = np.bincount(run_terms, minlength=len(vocab))
+                df = np.concatenate([df, np.zeros(len(counts) - len(df), dtype=np.int64)]) + counts
+                runs.append(run)
+                doc_len.append(lengths)
+                base += len(lengths)
+                progress.update(len(lengths))
+            progress.close()
         doc_len = np.concatenate(doc_len) if doc_len else np.zeros(0, dtype=np.uint32)
         logger.info("tokenised %d passages in %.1fs (%d workers): %d terms, %d postings", len(doc_len),
                     time.perf_counter() - started, tokenizer.workers, len(df), int(df.sum()))
