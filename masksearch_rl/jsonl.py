@@ -6,20 +6,30 @@ line (it is counted with ``file:line`` and a reason); writing is resumable (a re
 half-written last line left by a kill is cut off on reopen, so nothing is lost or duplicated. A bad line anywhere
 else in an output is not something a kill leaves behind, so reopening refuses it (naming ``file:line``) rather than
 cutting away the records after it.
+
+Input bytes are never lost silently (:func:`iter_lines`, under every reader): files are read as bytes and decoded
+line by line, so a line that is not UTF-8 is skipped alone, counted with its true line number, and the lines after
+it are read (text-mode decoding fails a whole read-ahead buffer at once, hiding the line and everything after it).
+A UTF-8 byte-order mark is dropped. A ``.gz``/``.bz2`` file that ends early or is corrupt raises
+:class:`InputError` naming the file and the last line read: its partial content must not pass for the whole.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
 import json
 import logging
 import os
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +41,15 @@ class BadLines:
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     max_examples: int = 20
+    log: bool = True  # False for look-ahead reads (format detection) whose lines are read again for real
 
     def add(self, path: str | os.PathLike, lineno: int, reason: str) -> None:
         self.counts[reason] += 1
         where = f"{path}:{lineno}: {reason}"
         if len(self.examples) < self.max_examples:
             self.examples.append(where)
-        logger.warning("skipped %s", where)
+        if self.log:
+            logger.warning("skipped %s", where)
 
     @property
     def total(self) -> int:
@@ -47,34 +59,86 @@ class BadLines:
         return {"total": self.total, "by_reason": dict(self.counts), "examples": list(self.examples)}
 
 
+class InputError(ValueError):
+    """An input file that cannot be read to its end (a truncated or corrupt ``.gz``/``.bz2``): the command stops and
+    names it, since what was read so far would otherwise pass for the whole file."""
+
+
+def open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """The file's bytes, decompressed when its name ends in ``.gz`` or ``.bz2``."""
+    name = os.fspath(path)
+    if name.endswith(".gz"):
+        return gzip.open(name, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(name, "rb")
+    return open(name, "rb")
+
+
+def iter_lines(path: str | os.PathLike, bad: BadLines | None = None) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)`` for each line of a text file, decoded on its own.
+
+    A line that is not UTF-8 goes to ``bad`` with its line number (or raises ``ValueError`` when ``bad`` is None)
+    and the next line is read; a UTF-8 byte-order mark before the first line is dropped; a compressed file that
+    ends early or is corrupt raises :class:`InputError`. Lines keep their line break characters.
+    """
+    lineno = 0
+    handle = open_binary(path)
+    try:
+        with handle:
+            for lineno, raw in enumerate(handle, start=1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    reason = f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                    if bad is None:
+                        raise ValueError(f"{path}:{lineno}: {reason}") from None
+                    bad.add(path, lineno, reason)
+                    continue
+                yield lineno, text
+    except (EOFError, OSError, zlib.error) as err:
+        raise InputError(
+            f"{path}: cannot be read past line {lineno} ({type(err).__name__}: {err}); a truncated or corrupt "
+            "compressed file? Nothing after that line was read."
+        ) from err
+
+
+def parse_json_object(line: str, required: tuple[str, ...] = ()) -> dict | str:
+    """The line's JSON object, or why it is not a usable record (invalid JSON, not an object, a missing field)."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as err:
+        if isinstance(err, RecursionError):
+            return "invalid JSON (nested too deeply)"
+        return f"invalid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    missing = [key for key in required if key not in obj]
+    if missing:
+        return f"missing field(s) {', '.join(repr(k) for k in missing)}"
+    return obj
+
+
 def iter_jsonl(
     path: str | os.PathLike, bad: BadLines | None = None, required: Iterable[str] = ()
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each good line; bad lines go to ``bad`` (or raise if it is None).
 
-    A line is bad if it is not valid JSON, not an object, or lacks a ``required`` field.
+    A line is bad if it is not UTF-8, not valid JSON, not an object, or lacks a ``required`` field. ``.gz`` and
+    ``.bz2`` files are decompressed; one that is truncated raises :class:`InputError` (see :func:`iter_lines`).
     """
     required = tuple(required)
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                reason = f"invalid JSON ({err.msg} at column {err.colno})"
-            else:
-                if not isinstance(obj, dict):
-                    reason = f"expected a JSON object, got {type(obj).__name__}"
-                else:
-                    missing = [key for key in required if key not in obj]
-                    if not missing:
-                        yield lineno, obj
-                        continue
-                    reason = f"missing field(s) {', '.join(repr(k) for k in missing)}"
-            if bad is None:
-                raise ValueError(f"{path}:{lineno}: {reason}")
-            bad.add(path, lineno, reason)
+    for lineno, line in iter_lines(path, bad):
+        if not line.strip():
+            continue
+        obj = parse_json_object(line, required)
+        if isinstance(obj, dict):
+            yield lineno, obj
+            continue
+        if bad is None:
+            raise ValueError(f"{path}:{lineno}: {obj}")
+        bad.add(path, lineno, obj)
 
 
 def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:

@@ -27,7 +27,7 @@ from masksearch_rl.corpus.chunking import (
 )
 from masksearch_rl.corpus.passage import Passage, split_contents
 from masksearch_rl.corpus.readers import ReadStats, detect_format, read_corpus
-from masksearch_rl.jsonl import BadLines
+from masksearch_rl.jsonl import BadLines, InputError
 
 KILT_SAMPLE = Path(os.environ["MASKSEARCH_SHARED_DATA"]) / "wiki" / "kilt_sample_100.jsonl"  # tests/conftest.py
 
@@ -307,27 +307,66 @@ def test_malformed_wikiextractor_docs(tmp_path):
     ]
 
 
-def test_undecodable_and_corrupt_files_are_counted_and_reading_goes_on(tmp_path):
+def test_undecodable_lines_are_counted_and_reading_goes_on(tmp_path):
     _write_lines(tmp_path / "a_good", ["Readable article."])
     (tmp_path / "b_binary").write_bytes(b"\xff\xfe\x00garbage\x80\x81")
     (tmp_path / "c_empty.txt").write_text("\n  \n", encoding="utf-8")
-    _write_lines(tmp_path / "d_good.txt", ["Another readable one."])
+    (tmp_path / "d_good.txt").write_bytes(b"First paragraph.\nbad \xe9 byte\nThird paragraph.\n")
     bad = BadLines()
     passages = list(read_corpus(tmp_path, fmt="masksearch-dir", bad=bad))
     assert [p.title for p in passages] == ["a_good", "d_good"]
-    assert bad.counts["empty text"] == 1
-    assert any(e.startswith(f"{tmp_path / 'b_binary'}:1: unreadable file (UnicodeDecodeError") for e in bad.examples)
+    assert "First paragraph." in passages[1].text and "Third paragraph." in passages[1].text
+    assert bad.counts == {"empty text": 1, "not valid UTF-8 (byte 0xff at column 1)": 1,
+                          "not valid UTF-8 (byte 0xe9 at column 5)": 1}
+    assert f"{tmp_path / 'd_good.txt'}:2: not valid UTF-8 (byte 0xe9 at column 5)" in bad.examples
 
-    truncated = tmp_path / "dump" / "wiki_00.bz2"
-    truncated.parent.mkdir()
-    docs = [line for i in range(100) for line in _doc(str(i), f"T{i}", ["Some text."])]
-    truncated.write_bytes(bz2.compress("\n".join(docs).encode("utf-8"))[:-50])
-    (tmp_path / "dump" / "wiki_01.bz2").write_bytes(b"not bzip2 data at all")
+
+def _flashrag_lines(n: int) -> list[bytes]:
+    return [json.dumps({"id": str(i), "contents": f'"T{i}"\nPassage number {i} text.'}).encode() + b"\n"
+            for i in range(1, n + 1)]
+
+
+def test_one_non_utf8_byte_skips_its_line_alone_with_its_true_line_number(tmp_path):
+    lines = _flashrag_lines(2000)
+    lines[1000] = lines[1000].replace(b"Passage", b"Pass\xffage")  # line 1001
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"".join(lines))
     bad = BadLines()
-    assert list(read_corpus(truncated.parent, fmt="wikiextractor", bad=bad)) == []
-    assert bad.total == 2
-    assert bad.examples[0].startswith(f"{truncated}:1: unreadable file (EOFError")
-    assert bad.examples[1].startswith(f"{tmp_path / 'dump' / 'wiki_01.bz2'}:1: unreadable file (OSError")
+    ids = [p.id for p in read_corpus(path, fmt="flashrag", chunk_words=None, bad=bad)]
+    assert ids == [str(i) for i in range(1, 2001) if i != 1001]
+    assert bad.total == 1 and bad.examples[0].startswith(f"{path}:1001: not valid UTF-8 (byte 0xff")
+
+
+def test_a_utf8_bom_keeps_the_first_record(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(_flashrag_lines(3)))
+    bad = BadLines()
+    assert detect_format(path) == "flashrag"
+    assert [p.id for p in read_corpus(path, chunk_words=None, bad=bad)] == ["1", "2", "3"] and bad.total == 0
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2"])
+def test_truncated_or_corrupt_compressed_input_is_an_error(tmp_path, suffix):
+    import gzip
+
+    compress = gzip.compress if suffix == ".gz" else bz2.compress
+    whole = b"".join(_flashrag_lines(2000))
+    truncated = tmp_path / f"corpus.jsonl{suffix}"
+    truncated.write_bytes(compress(whole)[:-200])
+    read = []
+    with pytest.raises(InputError, match=re.escape(str(truncated)) + r": cannot be read past line \d+"):
+        for passage in read_corpus(truncated, fmt="flashrag", chunk_words=None):
+            read.append(passage)
+    assert len(read) < 2000  # what came before the cut may have been read; the error says where it stopped
+
+    garbage = tmp_path / f"other{suffix}"
+    garbage.write_bytes(b"not compressed at all")
+    with pytest.raises(InputError, match=re.escape(str(garbage))):
+        list(read_corpus(garbage, fmt="flashrag"))
+    (tmp_path / "tree").mkdir()  # also inside a directory tree: the whole read stops
+    truncated.rename(tmp_path / "tree" / f"wiki_00{suffix}")
+    with pytest.raises(InputError):
+        list(read_corpus(tmp_path / "tree", fmt="flashrag"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -476,3 +515,27 @@ def test_cli_convert_writes_passages_and_reports_bad_lines(tmp_path):
     empty = CliRunner().invoke(app, ["corpus", "convert", "-i", str(nothing), "-f", "kilt", "-o", str(out)])
     assert empty.exit_code == 1 and "left untouched" in empty.output
     assert out.read_text().count("\n") == 1  # the earlier output survived
+
+
+def test_cli_convert_names_a_bad_byte_and_fails_on_a_truncated_gz(tmp_path):
+    import gzip
+
+    app = _cli_app()
+    lines = _flashrag_lines(2000)
+    lines[1000] = b"\x80" + lines[1000]
+    source = tmp_path / "corpus.jsonl"
+    source.write_bytes(b"".join(lines))
+    out = tmp_path / "passages.jsonl"
+    result = CliRunner().invoke(app, ["corpus", "convert", "-i", str(source), "-o", str(out), "--no-chunk"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 1999
+    assert "wrote 1,999 passages" in result.output and "skipped 1 bad record(s)" in result.output
+    assert f"{source}:1001: not valid UTF-8 (byte 0x80 at column 1)" in result.output
+
+    truncated = tmp_path / "corpus.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b"".join(_flashrag_lines(2000)))[:-300])
+    before = out.read_bytes()
+    result = CliRunner().invoke(app, ["corpus", "convert", "-i", str(truncated), "-o", str(out), "--no-chunk"])
+    assert result.exit_code == 1
+    assert f"{truncated}: cannot be read past line" in result.output and "left untouched" in result.output
+    assert out.read_bytes() == before

@@ -44,7 +44,7 @@ def convert(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from masksearch_rl.corpus.readers import ReadStats, read_corpus
-    from masksearch_rl.jsonl import BadLines, write_jsonl
+    from masksearch_rl.jsonl import BadLines, InputError, write_jsonl
 
     bad, stats = BadLines(), ReadStats()
     try:
@@ -54,19 +54,25 @@ def convert(
         raise typer.Exit(2) from None
 
     with logging_redirect_tqdm(), tqdm(desc="passages", unit=" passages", dynamic_ncols=True) as bar:
-        first = next(passages, None)
-        if first is None:
+        try:
+            first = next(passages, None)
+            if first is None:
+                bar.close()
+                _print_summary(out, 0, stats, bad, wrote=False)
+                typer.echo(f"error: no passages read from {input_path}; {out} left untouched", err=True)
+                raise typer.Exit(1)
+
+            def records():
+                for passage in itertools.chain([first], passages):
+                    bar.update()
+                    yield passage.to_json()
+
+            written = write_jsonl(out, records())
+        except InputError as err:  # a truncated .gz: the output is written whole or not at all
             bar.close()
             _print_summary(out, 0, stats, bad, wrote=False)
-            typer.echo(f"error: no passages read from {input_path}; {out} left untouched", err=True)
-            raise typer.Exit(1)
-
-        def records():
-            for passage in itertools.chain([first], passages):
-                bar.update()
-                yield passage.to_json()
-
-        written = write_jsonl(out, records())
+            typer.echo(f"error: {err}\n{out} left untouched", err=True)
+            raise typer.Exit(1) from None
     _print_summary(out, written, stats, bad, wrote=True)
 
 

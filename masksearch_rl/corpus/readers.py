@@ -7,9 +7,11 @@ single file or a directory tree (files read in sorted path order, hidden files s
 are decompressed on the fly.
 
 Bad input never stops a run: a record that is not valid JSON, not an object, lacks a field, has a field of the
-wrong type, or has no text is skipped and counted in :class:`~masksearch_rl.jsonl.BadLines` with ``file:line``
-and a reason (a file that cannot be decoded is counted once and the rest of that file skipped). Only a missing
-path or an unknown/undetectable format raises, before anything is read.
+wrong type, or has no text, and a line that is not UTF-8, is skipped alone and counted in
+:class:`~masksearch_rl.jsonl.BadLines` with ``file:line`` and a reason; the lines after it are read. A missing path or
+an unknown/undetectable format raises before anything is read, and a compressed file that ends early or is corrupt
+raises :class:`~masksearch_rl.jsonl.InputError` where it is found: its partial content must not pass for the whole
+(every file is read through :func:`masksearch_rl.jsonl.iter_lines`).
 
 Format detection (``fmt="auto"``), from the first non-blank lines of the first files:
   * a line starting with ``<doc`` -> ``wikiextractor`` (``<doc>`` mode);
@@ -23,8 +25,6 @@ Format detection (``fmt="auto"``), from the first non-blank lines of the first f
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import html
 import json
 import os
@@ -32,11 +32,10 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 from masksearch_rl.corpus.chunking import Article, rechunk_passage, split_article
 from masksearch_rl.corpus.passage import Passage, split_contents
-from masksearch_rl.jsonl import BadLines, iter_jsonl
+from masksearch_rl.jsonl import BadLines, iter_jsonl, iter_lines
 
 FORMATS = ("flashrag", "kilt", "wikiextractor", "masksearch-dir")
 _SNIFF_LINES = 50  # non-blank lines looked at per file when detecting a format
@@ -56,18 +55,6 @@ class ReadStats:
 # Files
 
 
-def _is_compressed(path: Path) -> bool:
-    return path.suffix in (".bz2", ".gz")
-
-
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _input_files(path: Path) -> list[Path]:
     """The file itself, or every non-hidden file under a directory, in sorted path order."""
     if not path.exists():
@@ -81,38 +68,9 @@ def _input_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _guarded(path: Path, records: Iterator[tuple[int, Any]], bad: BadLines) -> Iterator[Any]:
-    """Yield ``records``' items; if the file turns out unreadable (bad UTF-8, corrupt archive), count it once."""
-    lineno = 0
-    try:
-        for lineno, record in records:
-            yield record
-    except (UnicodeDecodeError, EOFError, OSError) as err:
-        bad.add(path, lineno + 1, f"unreadable file ({type(err).__name__}: {err}); rest of file skipped")
-
-
 def _json_lines(path: Path, bad: BadLines, required: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
-    """``(line, object)`` for each good JSON-object line; compressed files get the same checks as iter_jsonl."""
-    if not _is_compressed(path):
-        yield from iter_jsonl(path, bad, required)
-        return
-    with _open_text(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.add(path, lineno, f"invalid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(obj, dict):
-                bad.add(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            missing = [key for key in required if key not in obj]
-            if missing:
-                bad.add(path, lineno, f"missing field(s) {', '.join(repr(k) for k in missing)}")
-                continue
-            yield lineno, obj
+    """``(line, object)`` for each good JSON-object line (compressed or not; see iter_jsonl)."""
+    return iter_jsonl(path, bad, required)
 
 
 def _string_field(obj: dict, key: str) -> str | None:
@@ -256,32 +214,31 @@ def _wikiextractor_doc_records(path: Path, bad: BadLines) -> Iterator[tuple[int,
     start = 0
     lines: list[str] = []
     in_stray_text = False
-    with _open_text(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            stripped = line.strip()
-            if stripped.startswith("<doc"):
-                if attributes is not None:
-                    bad.add(path, start, f"<doc> not closed before the next <doc> at line {lineno}")
-                match = _DOC_OPEN.match(stripped)
-                attributes = dict(_DOC_ATTRIBUTE.findall(match.group(1))) if match else None
-                if attributes is None:
-                    bad.add(path, lineno, "malformed <doc> tag")
-                start, lines, in_stray_text = lineno, [], False
-            elif stripped == "</doc>":
-                if attributes is None:
-                    bad.add(path, lineno, "</doc> without an opening <doc>")
-                    continue
-                article = _wikiextractor_article(attributes.get("id", ""), attributes.get("title", ""), lines)
-                if isinstance(article, str):
-                    bad.add(path, start, article)
-                else:
-                    yield start, article
-                attributes, lines = None, []
-            elif attributes is not None:
-                lines.append(line)
-            elif stripped and not in_stray_text:
-                bad.add(path, lineno, "text outside <doc>...</doc>")
-                in_stray_text = True  # count a run of stray lines once
+    for lineno, line in iter_lines(path, bad):
+        stripped = line.strip()
+        if stripped.startswith("<doc"):
+            if attributes is not None:
+                bad.add(path, start, f"<doc> not closed before the next <doc> at line {lineno}")
+            match = _DOC_OPEN.match(stripped)
+            attributes = dict(_DOC_ATTRIBUTE.findall(match.group(1))) if match else None
+            if attributes is None:
+                bad.add(path, lineno, "malformed <doc> tag")
+            start, lines, in_stray_text = lineno, [], False
+        elif stripped == "</doc>":
+            if attributes is None:
+                bad.add(path, lineno, "</doc> without an opening <doc>")
+                continue
+            article = _wikiextractor_article(attributes.get("id", ""), attributes.get("title", ""), lines)
+            if isinstance(article, str):
+                bad.add(path, start, article)
+            else:
+                yield start, article
+            attributes, lines = None, []
+        elif attributes is not None:
+            lines.append(line)
+        elif stripped and not in_stray_text:
+            bad.add(path, lineno, "text outside <doc>...</doc>")
+            in_stray_text = True  # count a run of stray lines once
     if attributes is not None:
         bad.add(path, start, "<doc> not closed at end of file")
 
@@ -300,10 +257,11 @@ def _wikiextractor_records(path: Path, bad: BadLines) -> Iterator[tuple[int, Art
 
 def _article_file_records(path: Path, bad: BadLines) -> Iterator[tuple[int, Article]]:
     title = path.name.removesuffix(".txt")
-    with _open_text(path) as handle:
-        paragraphs = [line.strip() for line in handle if line.strip()]
+    skipped = bad.total
+    paragraphs = [line.strip() for _, line in iter_lines(path, bad) if line.strip()]
     if not paragraphs:
-        bad.add(path, 1, "empty text")
+        if bad.total == skipped:  # (lines that could not be decoded are counted already)
+            bad.add(path, 1, "empty text")
         return
     yield 1, Article(title, paragraphs, id=title)
 
@@ -313,23 +271,23 @@ def _article_file_records(path: Path, bad: BadLines) -> Iterator[tuple[int, Arti
 
 
 def _sniff_file(path: Path) -> str | None:
-    """Which format a file's first lines look like (``wikiextractor-doc``/``-json`` told apart), or None."""
+    """Which format a file's first lines look like (``wikiextractor-doc``/``-json`` told apart), or None.
+    (Unreadable lines are skipped quietly here: the real read counts them.)"""
+    seen = 0
     try:
-        with _open_text(path) as handle:
-            seen = 0
-            for line in handle:
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("<doc"):
-                    return "wikiextractor-doc"
-                kind = _json_kind(line)
-                if kind:
-                    return kind
-                seen += 1
-                if seen >= _SNIFF_LINES:
-                    break
-    except (UnicodeDecodeError, EOFError, OSError):
+        for _, line in iter_lines(path, BadLines(log=False)):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("<doc"):
+                return "wikiextractor-doc"
+            kind = _json_kind(line)
+            if kind:
+                return kind
+            seen += 1
+            if seen >= _SNIFF_LINES:
+                break
+    except ValueError:  # InputError: a corrupt compressed file; reading it for real reports it
         return None
     return None
 
@@ -337,7 +295,7 @@ def _sniff_file(path: Path) -> str | None:
 def _json_kind(line: str) -> str | None:
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict):
         return None
@@ -382,13 +340,13 @@ def _read(fmt: str, path: Path, chunk_words: int | None, bad: BadLines, stats: R
     for file in files:
         stats.files += 1
         if fmt == "flashrag":
-            for passage in _guarded(file, _flashrag_records(file, bad), bad):
+            for _, passage in _flashrag_records(file, bad):
                 stats.articles += 1
                 for piece in rechunk_passage(passage, chunk_words):
                     stats.passages += 1
                     yield piece
         else:
-            for article in _guarded(file, _ARTICLE_RECORDS[fmt](file, bad), bad):
+            for _, article in _ARTICLE_RECORDS[fmt](file, bad):
                 stats.articles += 1
                 for piece in split_article(article, chunk_words):
                     stats.passages += 1
