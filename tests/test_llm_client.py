@@ -2,22 +2,26 @@
 
 The server's behaviour is chosen by the request's ``model`` field: ``ok``, ``always-429``, ``flaky-503`` (fails
 twice, then answers), ``slow`` (answers after 3 s), ``bad-request`` (400), ``wait`` (answers after 0.1 s, for the
-concurrency check). It counts hits per model and the most ``wait`` requests in flight at once.
+concurrency check), ``trickle`` (sends one byte every 0.1 s, forever), ``huge`` / ``huge-stream`` (a 2 MB reply,
+with / without a Content-Length), ``null-content``, ``non-utf8``, ``prose``. It counts hits per model and the most
+``wait`` requests in flight at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import sqlite3
 import threading
 import time
 
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from masksearch_rl.llm import LLMClient, LLMConfig, LLMError
+from masksearch_rl.llm import LLMClient, LLMConfig, LLMError, set_endpoint_gate
 
 FAST_RETRY = {"retry-after-ms": "20"}  # the SDK honours it: keeps the retry tests fast
 
@@ -42,7 +46,7 @@ class FakeChatServer:
             try:
                 if model == "always-429":
                     return JSONResponse({"error": {"message": "slow down"}}, status_code=429, headers=FAST_RETRY)
-                if model == "flaky-503" and self.hits[model] <= 2:
+                if model.startswith("flaky-503") and self.hits[model] <= 2:
                     return JSONResponse({"error": {"message": "overloaded"}}, status_code=503, headers=FAST_RETRY)
                 if model == "bad-request":
                     return JSONResponse({"error": {"message": "no such model"}}, status_code=400)
@@ -50,6 +54,22 @@ class FakeChatServer:
                     await asyncio.sleep(3)
                 if model == "wait":
                     await asyncio.sleep(0.1)
+                if model == "trickle":
+                    return StreamingResponse(_trickle(), media_type="application/json")
+                if model == "huge":
+                    return _completion(model, "x" * 2_000_000)
+                if model == "huge-stream":
+                    blob = json.dumps(_completion(model, "x" * 2_000_000)).encode()
+                    return StreamingResponse(iter([blob[i : i + 65536] for i in range(0, len(blob), 65536)]))
+                if model == "null-content":
+                    reply = _completion(model, "")
+                    reply["choices"][0]["message"]["content"] = None
+                    return reply
+                if model == "non-utf8":
+                    blob = json.dumps(_completion(model, "caf\u00e9")).encode().replace(b"caf", b"caf\xff")
+                    return Response(blob, media_type="application/json")
+                if model == "prose":
+                    return _completion(model, "I think the entities are Paris and 1889.")
                 text = "echo: " + body["messages"][-1]["content"]
                 return _completion(model, text)
             finally:
@@ -76,6 +96,12 @@ class FakeChatServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+async def _trickle():
+    while True:  # whitespace is valid JSON padding: a client that times reads only would wait forever
+        yield b" "
+        await asyncio.sleep(0.1)
 
 
 def _completion(model: str, text: str) -> dict:
@@ -202,3 +228,104 @@ def test_config_rejects_bad_values():
         LLMConfig(concurrency=0)
     with pytest.raises(ValueError, match="unknown LLM config"):
         LLMConfig.from_dict({"modle": "x"})
+
+
+def test_a_trickling_endpoint_cannot_hold_a_call_past_its_deadline(server):
+    client = _client(server, "trickle", timeout_s=0.5, max_retries=1)
+    started = time.monotonic()
+    with pytest.raises(LLMError, match="timed out: no complete reply within 0.5 s"):
+        _ask(client)
+    assert time.monotonic() - started < 2.5  # two attempts of 0.5 s, plus one backoff
+    assert server.hits["trickle"] == 2 and client.stats["timeouts"] == 1
+
+
+@pytest.mark.parametrize("model", ["huge", "huge-stream"])
+def test_a_reply_over_the_size_cap_is_refused(server, model):
+    client = _client(server, model, max_reply_bytes=1_000_000, max_retries=2)
+    with pytest.raises(LLMError, match="larger than max_reply_bytes=1,000,000"):
+        _ask(client)
+    assert server.hits[model] == 1  # not retried: the same request would get the same reply
+    assert _ask(_client(server, model, max_reply_bytes=4_000_000)) == "x" * 2_000_000
+
+
+@pytest.mark.parametrize(("model", "error"), [("null-content", r"without text \(content is null\)"),
+                                               ("non-utf8", "not JSON \\(or not UTF-8\\)")])
+def test_unusable_replies_raise_and_are_never_cached(server, tmp_path, model, error):
+    client = _client(server, model, cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):
+        with pytest.raises(LLMError, match=error):
+            _ask(client)
+    assert server.hits[model] == 2 and client.stats["cache_hits"] == 0
+
+
+def test_the_cache_stores_json_and_never_unpickles(server, tmp_path):
+    import pickle
+
+    import diskcache
+
+    cache_dir = tmp_path / "cache"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    client = _client(server, "ok", cache_dir=str(cache_dir))
+    key = client.cache_key([{"role": "user", "content": "q"}], {"temperature": 0.0, "max_tokens": 1024})
+    with diskcache.Cache(str(cache_dir)) as old:  # a cache written by the old client (or by someone else)
+        old.set(key, Payload())
+    with sqlite3.connect(cache_dir / "responses.sqlite3") as db:
+        db.execute("CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO cache VALUES (?, ?)", ("other", pickle.dumps(Payload()).hex()))
+    assert _ask(client, "q") == "echo: q" and not marker.exists()
+    with sqlite3.connect(cache_dir / "responses.sqlite3") as db:
+        [(value,)] = db.execute("SELECT value FROM cache WHERE key = ?", (key,)).fetchall()
+    assert json.loads(value) == {"text": "echo: q", "finish_reason": "stop", "stop_reason": None}
+    assert _ask(_client(server, "ok", cache_dir=str(cache_dir)), "q") == "echo: q"
+    assert server.hits["ok"] >= 1 and not marker.exists()
+
+
+def test_prose_that_the_caller_cannot_use_is_not_cached(server, tmp_path):
+    client = _client(server, "prose", cache_dir=str(tmp_path / "cache"))
+
+    async def run() -> str:
+        try:
+            return await client.chat([{"role": "user", "content": "q"}], accept=lambda text: text.startswith("["))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()).startswith("I think") and asyncio.run(run()).startswith("I think")
+    assert server.hits["prose"] == 2  # asked again: the unusable reply was not stored
+
+
+def test_every_attempt_passes_the_process_gate_and_the_rate_limit(server):
+    events = []
+
+    class Gate:
+        async def acquire(self, endpoint):
+            events.append(("acquire", endpoint))
+            return len(events)
+
+        async def release(self, lease):
+            events.append(("release", lease))
+
+    set_endpoint_gate(Gate())
+    try:
+        client = _client(server, "flaky-503-gated", max_retries=3)
+        assert _ask(client, "x") == "echo: x"
+    finally:
+        set_endpoint_gate(None)
+    assert [kind for kind, _ in events] == ["acquire", "release"] * 3  # two 503s and the answer: three requests
+    assert events[0][1] == server.base_url and server.hits["flaky-503-gated"] == 3
+
+    client = _client(server, "ok-rated", rate_per_s=10)
+
+    async def run() -> None:
+        try:
+            await asyncio.gather(*(client.chat([{"role": "user", "content": str(i)}]) for i in range(5)))
+        finally:
+            await client.aclose()
+
+    started = time.monotonic()
+    asyncio.run(run())
+    assert time.monotonic() - started >= 0.35  # five requests evenly spaced at 10/s

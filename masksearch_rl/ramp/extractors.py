@@ -323,6 +323,14 @@ def parse_span_list(reply: str) -> list[str]:
     return spans
 
 
+def _parses(reply: str) -> bool:
+    try:
+        parse_span_list(reply)
+    except SpanParseError:
+        return False
+    return True
+
+
 class LLMExtractor:
     """Knowledge-entity extraction with an OpenAI-compatible chat model (the paper used Qwen-Turbo).
 
@@ -338,7 +346,7 @@ class LLMExtractor:
 
     async def extract(self, passage: Passage, text: str | None = None) -> Extraction:
         text = passage.text if text is None else text
-        reply = await self.client.chat(extraction_messages(text))
+        reply = await self.client.chat(extraction_messages(text), accept=_parses)  # unparseable: not cached
         try:
             texts = parse_span_list(reply)
         except SpanParseError as err:
