@@ -183,3 +183,64 @@ def test_export_drops_and_counts_trajectories_longer_than_max_tokens(tmp_path, t
     assert lonely.exit_code != 0 and "--tokenizer and --max-tokens go together" in lonely.output
     with pytest.raises(ValueError, match="within 10 tokens"):
         export_sft([tmp_path / "traj.jsonl"], tmp_path / "none", tokenizer=tokenizer, max_tokens=10)
+
+
+def _ramp_record(i: int, k: int) -> dict:
+    record = _record(i)
+    return {**record, "kind": "ramp", "gold": [[f"span{j}"] for j in range(k)]}
+
+
+@pytest.mark.parametrize("mode", ["staged", "mixed"])
+def test_export_orders_and_stages_rows_by_mask_count_and_records_the_schedule(tmp_path, mode):
+    import json
+
+    from masksearch_rl.curriculum.sampler import CurriculumConfig
+
+    records = [_ramp_record(i, 1 + i % 3) for i in range(30)]
+    records[5] = {**records[5], "num_masks": 4}  # an explicit count wins over the gold spans
+    write_jsonl(tmp_path / "t.jsonl", records)
+    summary = export_sft([tmp_path / "t.jsonl"], tmp_path / "out", val_fraction=0.2, seed=0,
+                         curriculum=CurriculumConfig(mode=mode, seed=7))
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    val = pd.read_parquet(tmp_path / "out" / "val.parquet")
+    assert len(train) + len(val) == 30 and sorted(train["id"]) == sorted(set(train["id"]))  # each row once
+    expected = {r["id"]: r.get("num_masks", len(r["gold"])) for r in records}
+    assert [expected[i] for i in train["id"]] == list(train["num_masks"])
+    schedule = json.loads((tmp_path / "out" / "curriculum.json").read_text())
+    assert schedule == summary["curriculum"] and schedule["mode"] == mode and schedule["rows"] == len(train)
+    if mode == "staged":
+        assert list(train["num_masks"]) == sorted(train["num_masks"])  # 1s, then 2s, 3s, 4s
+        assert list(train["curriculum_stage"]) == [[1, 2, 3, 4].index(k) for k in train["num_masks"]]
+        for k, name in schedule["stage_files"].items():
+            stage = pd.read_parquet(tmp_path / "out" / name)
+            assert set(stage["num_masks"]) == {int(k.split("=")[1])}
+            assert len(stage) == schedule["rows_per_stage"][k]
+    else:
+        assert list(train["num_masks"]) != sorted(train["num_masks"]) and not schedule["stage_files"]
+        assert not list((tmp_path / "out").glob("stage_*"))
+
+    plain = export_sft([tmp_path / "t.jsonl"], tmp_path / "out", val_fraction=0.2, seed=0)  # no curriculum now:
+    assert "curriculum" not in plain and not (tmp_path / "out" / "curriculum.json").exists()  # no stale schedule
+    assert not list((tmp_path / "out").glob("stage_*"))
+    assert "curriculum_stage" not in pd.read_parquet(tmp_path / "out" / "train.parquet").columns
+
+    write_jsonl(tmp_path / "qa.jsonl", [_record(100)])  # QA: no mask count to order by
+    with pytest.raises(ValueError, match="1 kept record"):
+        export_sft([tmp_path / "t.jsonl", tmp_path / "qa.jsonl"], tmp_path / "bad", curriculum=CurriculumConfig())
+
+
+def test_data_order_cuts_the_rl_schedule_to_a_finite_list():
+    from masksearch_rl.curriculum.sampler import CurriculumConfig, MaskCountCurriculumSampler, data_order
+
+    masks = [1 + i % 4 for i in range(40)]
+    staged = CurriculumConfig(mode="staged", seed=3, replay_fraction=0.25, epochs_per_stage=[1, 1, 2, 1])
+    order = data_order(masks, staged)
+    stream = iter(MaskCountCurriculumSampler(masks, staged))
+    assert order.indices == [next(stream) for _ in order.indices]  # the RL sampler's own stream, cut at the end
+    assert order.stages == sorted(order.stages) and order.describe()["rows_per_stage"]["num_masks=3"] > 10
+    mixed = data_order(masks, CurriculumConfig(mode="mixed", seed=3))
+    assert sorted(mixed.indices) == list(range(40))
+    with pytest.raises(ValueError, match="adaptive"):
+        data_order(masks, CurriculumConfig(mode="adaptive"))
+    with pytest.raises(ValueError, match="steps_per_stage"):
+        data_order(masks, CurriculumConfig(mode="staged", steps_per_stage=2))

@@ -360,3 +360,56 @@ class MaskCountCurriculumSampler(Sampler[int]):
             )
         self._state = _State.from_dict(state_dict["state"])
         self._perm_cache.clear()
+
+
+# ------------------------------------------------------------------ finite orders, for data files
+@dataclass
+class DataOrder:
+    """A schedule written into data rather than streamed to a trainer: ``indices[i]`` is the item of row ``i`` and
+    ``stages[i]`` its stage (an index into ``stage_masks``; ``len(stage_masks)`` is the all-items phase of ``mixed``)."""
+
+    indices: list[int]
+    stages: list[int]
+    stage_masks: tuple[int, ...]
+    config: CurriculumConfig
+
+    def describe(self) -> dict[str, Any]:
+        """What to record beside the data: the schedule's settings and how many rows each stage got."""
+        labels = [*(f"num_masks={k}" for k in self.stage_masks), "all (mixed)"]
+        rows = [self.stages.count(s) for s in range(len(labels))]
+        first = {labels[s]: self.stages.index(s) for s in range(len(labels)) if rows[s]}
+        return {
+            "mode": self.config.mode, "seed": self.config.seed, "stages": list(self.stage_masks),
+            "epochs_per_stage": self.config.epochs_per_stage, "replay_fraction": self.config.replay_fraction,
+            "rows": len(self.indices), "rows_per_stage": {labels[s]: n for s, n in enumerate(rows) if n},
+            "first_row_of_stage": first,
+        }
+
+
+def data_order(num_masks: Sequence[int], config: CurriculumConfig) -> DataOrder:
+    """The RL sampler's schedule cut to a finite list, for SFT exports and self-evolve rounds, so data files follow
+    the same curriculum (``staged`` / ``mixed``) as RL prompts.
+
+    ``mixed``: one pass over every item, shuffled. ``staged``: the sampler's stream up to the end of the last stage
+    (each stage's items for ``epochs_per_stage`` passes, with ``replay_fraction`` of draws from earlier stages), the
+    all-items phase that follows it in RL left out. With the defaults every item appears exactly once, stage by stage.
+    ``adaptive`` follows training rewards and ``steps_per_stage`` counts train batches: neither has a meaning for a
+    file, so both are refused.
+    """
+    if config.mode == "adaptive":
+        raise ValueError("curriculum.mode=adaptive follows training rewards; order a data file by 'staged' or 'mixed'")
+    if config.steps_per_stage is not None:
+        raise ValueError("curriculum.steps_per_stage counts train batches; give a data file epochs_per_stage instead")
+    sampler = MaskCountCurriculumSampler(num_masks, config)
+    stream = iter(sampler)
+    indices, stages = [], []
+    if config.mode == "mixed":
+        for _ in range(sampler.num_items):
+            indices.append(next(stream))
+            stages.append(sampler.stage)
+    else:
+        last = len(sampler.stages) - 1
+        while not (sampler.stage == last and sampler._stage_budget_spent()):
+            indices.append(next(stream))
+            stages.append(sampler.stage)
+    return DataOrder(indices, stages, sampler.stages, config)

@@ -13,6 +13,21 @@ from pathlib import Path
 import typer
 
 
+def curriculum_config(mode: str, stages: str | None, seed: int, epochs_per_stage: float = 1.0,
+                      replay_fraction: float = 0.0) -> "CurriculumConfig":  # noqa: F821
+    """A data-file curriculum from command-line options (staged or mixed; adaptive needs training rewards)."""
+    from masksearch_rl.curriculum.sampler import CurriculumConfig
+
+    if mode not in ("staged", "mixed"):
+        raise typer.BadParameter(f"--curriculum must be staged or mixed, got {mode!r}")
+    try:
+        stage_list = [int(k) for k in stages.split(",")] if stages else None
+        return CurriculumConfig(mode=mode, seed=seed, stages=stage_list, epochs_per_stage=epochs_per_stage,
+                                replay_fraction=replay_fraction)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
 def register(app: typer.Typer) -> None:
     sft = typer.Typer(help="SFT data (trajectory JSONL -> parquet for verl's MultiTurnSFTDataset).",
                       no_args_is_help=True)
@@ -30,13 +45,29 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(None, "--max-tokens", help="Drop (and count) trajectories longer than this "
                                        "many chat-template tokens; set to the recipe's data.max_length, so none is "
                                        "cut before its <answer>."),
+        curriculum: str = typer.Option(None, "--curriculum", help="Order the train rows by mask count as the RL "
+                                       "sampler does: staged (stage by stage, plus one file per stage) | mixed."),
+        curriculum_stages: str = typer.Option(None, "--curriculum-stages", help="Stage order as mask counts, e.g. "
+                                              "1,2,3,4 (default: every count present, ascending)."),
+        curriculum_seed: int = typer.Option(0, "--curriculum-seed", help="Shuffle seed of the schedule."),
+        epochs_per_stage: float = typer.Option(1.0, "--epochs-per-stage", help="staged: passes over each stage."),
+        replay_fraction: float = typer.Option(0.0, "--replay-fraction", help="staged: share of rows replayed from "
+                                              "earlier stages."),
     ) -> None:
         """Export the ``keep: true`` trajectories, deduplicated by id and by content."""
         from masksearch_rl.sft.export import export_sft
 
         if (tokenizer is None) != (max_tokens is None):
             raise typer.BadParameter("--tokenizer and --max-tokens go together")
-        summary = export_sft(list(inputs), out_dir, val_fraction, seed, tokenizer=tokenizer, max_tokens=max_tokens)
+        schedule = None
+        if curriculum is not None:
+            schedule = curriculum_config(curriculum, curriculum_stages, curriculum_seed, epochs_per_stage,
+                                         replay_fraction)
+        try:
+            summary = export_sft(list(inputs), out_dir, val_fraction, seed, tokenizer=tokenizer, max_tokens=max_tokens,
+                                 curriculum=schedule)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from err
         typer.echo(json.dumps(summary, indent=2))
 
     @sft.command("oracle")
