@@ -156,19 +156,20 @@ def test_garbage_timeouts_429_wrong_and_loops_are_counted(tmp_path, world, llm_s
         1, 2, 1, 1, 1)
     assert summary["bad_input_lines"]["total"] == 1
     records = {r["id"]: r for r in read_jsonl(tmp_path / "traj.jsonl")}
-    assert set(records) == {q["id"] for q in subset} - {subset[1]["id"], subset[2]["id"]}
-    assert records[subset[0]["id"]]["status"] == "parse_error" and "observer" in records[subset[0]["id"]]["reason"]
+    assert set(records) == {q["id"] for q in subset} - {subset[0]["id"], subset[1]["id"], subset[2]["id"]}
     assert records[subset[3]["id"]]["status"] == "wrong" and not records[subset[3]["id"]]["keep"]
     assert records[subset[4]["id"]]["status"] == "max_turns"
-    errors = [json.loads(line) for line in open(tmp_path / "traj.jsonl.errors.jsonl")]
-    assert {e["id"] for e in errors} == {subset[1]["id"], subset[2]["id"]}
-    assert any("429" in e["error"] for e in errors) and any("timed out" in e["error"] for e in errors)
+    errors = {e["id"]: e for e in _errors(tmp_path)}
+    assert set(errors) == {subset[0]["id"], subset[1]["id"], subset[2]["id"]}
+    garbage = errors[subset[0]["id"]]  # replies that never parse are not a final record: retried next run
+    assert garbage["kind"] == "parse_error" and garbage["error"].startswith("observer:")
+    assert "429" in errors[subset[1]["id"]]["error"] and "timed out" in errors[subset[2]["id"]]["error"]
     assert summary["llm"]["planner"].get("http_429", 0) >= 2  # retried, then given up
 
-    # Backend errors are retried by the next run; finished ids are not redone.
+    # Parse and backend errors are retried by the next run; finished ids are not redone.
     llm_server.behaviour.clear()
     again = run_cot(config)
-    assert again["run"]["skipped_done"] == 4 and again["run"]["correct"] == 2
+    assert again["run"]["skipped_done"] == 3 and again["run"]["correct"] == 3
     assert again["file"]["records"] == 6
     # ...and the error log forgets them once they succeed: it lists only what is still failing.
     assert again["errors_pending"] == 0 and (tmp_path / "traj.jsonl.errors.jsonl").read_text() == ""
@@ -252,21 +253,29 @@ def test_garbage_from_planner_rewriter_and_judge_is_counted(tmp_path, world, llm
                                  subset[2]["id"]: "judge_garbage"})
     path = tmp_path / "qa.jsonl"
     write_jsonl(path, subset)
-    summary = run_cot(_config(tmp_path, llm_server, retrieval_url, path))
+    config = _config(tmp_path, llm_server, retrieval_url, path)
+    summary = run_cot(config)
     run = summary["run"]
     assert (run["parse_errors"], run["backend_errors"], run["correct"], run["judged_by_fallback"]) == (2, 1, 1, 0)
     records = {r["id"]: r for r in read_jsonl(tmp_path / "traj.jsonl")}
-    planner, rewriter = records[subset[0]["id"]], records[subset[1]["id"]]
-    assert planner["status"] == rewriter["status"] == "parse_error" and not planner["keep"] and not rewriter["keep"]
-    assert planner["reason"].startswith("planner:") and rewriter["reason"].startswith("rewriter:")
+    assert set(records) == {subset[3]["id"]}  # nothing is written for a task whose replies never parsed
+    errors = {e["id"]: e for e in _errors(tmp_path)}
+    planner, rewriter = errors[subset[0]["id"]], errors[subset[1]["id"]]
+    assert planner["kind"] == rewriter["kind"] == "parse_error"
+    assert planner["error"].startswith("planner:") and rewriter["error"].startswith("rewriter:")
     # each role got one correction turn before giving up (parse_retries=1)
-    assert [e["role"] for e in planner["log"]] == ["planner", "planner"]
-    assert [e["role"] for e in rewriter["log"]] == ["planner", "rewriter", "rewriter"]
+    asked = [(r["role"], r["task"]) for r in llm_server.requests]
+    assert asked.count(("planner", subset[0]["id"])) == 2 and asked.count(("rewriter", subset[1]["id"])) == 2
     # a judge that answers nonsense is a failed judge: nothing written, the error says why
-    assert subset[2]["id"] not in records
-    [entry] = _errors(tmp_path)
-    assert entry["id"] == subset[2]["id"] and entry["kind"] == "backend" and "unparseable judge reply" in entry["error"]
+    judge = errors[subset[2]["id"]]
+    assert judge["kind"] == "backend" and "unparseable judge reply" in judge["error"]
     assert summary["judge"]["failures"] == 1
+
+    # The next run asks again (the nonsense was not cached) and, the roles behaving now, records all four.
+    llm_server.behaviour.clear()
+    again = run_cot(config)
+    assert (again["run"]["correct"], again["run"]["skipped_done"], again["errors_pending"]) == (3, 1, 0)
+    assert again["file"]["records"] == again["file"]["correct"] == 4
 
 
 def test_a_judge_outage_is_retried_or_graded_by_a_marked_fallback_when_asked(tmp_path, world, llm_server,
@@ -471,3 +480,30 @@ def test_observer_parser_shapes():
                 '{"summary": "s", "found": "yes", "action": "replan"}', "__import__('os').system('true')"):
         with pytest.raises(agents.ParseError):
             agents.parse_observation(bad)
+
+
+def test_a_bom_and_a_non_utf8_line_lose_only_that_line_and_a_truncated_gz_fails(tmp_path, world, llm_server,
+                                                                               retrieval_url):
+    import gzip
+
+    import typer
+    from typer.testing import CliRunner
+
+    from masksearch_rl.cot.cli import register
+
+    _, _, questions, _ = world
+    lines = [json.dumps(q).encode() + b"\n" for q in questions[:3]]
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + lines[0] + b'{"question": "caf\xe9?", "answer": "x"}\n' + lines[1] + lines[2])
+    summary = run_cot(_config(tmp_path, llm_server, retrieval_url, path))
+    assert summary["file"]["records"] == 3 and summary["bad_input_lines"]["total"] == 1
+    assert summary["bad_input_lines"]["examples"][0].startswith(f"{path}:2: not valid UTF-8 (byte 0xe9")
+
+    truncated = tmp_path / "qa.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b"".join(lines) * 50)[:-40])
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["cot", "build", "--input", str(truncated), "--out", str(tmp_path / "t2.jsonl"),
+                                      "--no-progress", f"llm.default.base_url={llm_server.base_url}",
+                                      f"search.backend.url={retrieval_url}"])
+    assert result.exit_code == 1 and f"{truncated}: cannot be read past line" in result.output

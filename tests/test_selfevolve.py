@@ -214,3 +214,25 @@ def test_cli_searches_a_local_index_at_the_given_temperature(tmp_path, world, ll
     assert {r["temperature"] for r in llm.requests if r["role"] == "policy"} == {0.25}
     for record in read_jsonl(tmp_path / "se" / "iter_1" / "teacher.jsonl"):
         assert all(info.count("Doc ") <= 2 for info in (t["information"] for t in record["log"]) if info)
+
+
+def test_a_staged_curriculum_takes_fresh_items_by_mask_count_and_records_it(tmp_path, world, llm):
+    items = world["items"]
+    masks = {str(item["id"]): item["num_masks"] for item in items}
+    curriculum = {"mode": "staged", "seed": 1}
+    first = run_iteration(_config(tmp_path, world, llm, num_items=4, curriculum=curriculum))
+    second = run_iteration(_config(tmp_path, world, llm, 2, num_items=4, curriculum=curriculum,
+                                   dataset=str(tmp_path / "se" / "iter_1" / "dataset.jsonl")))
+    taken = [masks[i] for i in _teacher(tmp_path)] + [masks[i] for i in _teacher(tmp_path, 2)]
+    ordered = sorted(masks.values())
+    assert sorted(taken) == ordered[:8]  # round 1 took the fewest-mask items, round 2 went on down the schedule
+    assert max(masks[i] for i in _teacher(tmp_path)) <= min(masks[i] for i in _teacher(tmp_path, 2))
+    for stats, i in ((first, 1), (second, 2)):
+        recorded = stats["curriculum"]
+        assert recorded["mode"] == "staged" and sum(recorded["fresh_items_by_num_masks"].values()) == 4
+        train = pd.read_parquet(tmp_path / "se" / f"iter_{i}" / "sft" / "train.parquet")
+        assert list(train["num_masks"]) == sorted(train["num_masks"]) == sorted(masks[x] for x in train["id"])
+        assert recorded["sft"]["rows"] == len(train)
+        assert json.loads((tmp_path / "se" / f"iter_{i}" / "stats.json").read_text())["curriculum"] == recorded
+    with pytest.raises(ValueError, match="staged or mixed"):
+        _config(tmp_path, world, llm, curriculum={"mode": "adaptive"})

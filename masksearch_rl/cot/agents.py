@@ -223,8 +223,16 @@ async def ask_role(
     """
     conversation = list(messages)
     last_error = ""
+
+    def parses(text: str) -> bool:  # the cache keeps only usable replies: a rerun asks again instead
+        try:
+            parse(text)
+        except ParseError:
+            return False
+        return True
+
     for attempt in range(retries + 1):
-        reply = await client.chat(conversation, use_cache=attempt == 0)
+        reply = await client.chat(conversation, use_cache=attempt == 0, accept=parses)
         try:
             parsed = parse(reply)
         except ParseError as err:

@@ -28,7 +28,7 @@ def load_config(config: Path | None, overrides: list[str], **fields) -> "CotConf
     data = OmegaConf.to_container(merged, resolve=True)
     try:
         return CotConfig(**data)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise typer.BadParameter(f"bad cot config: {err}") from err
 
 
@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="Only the first N input records."),
         concurrency: Optional[int] = typer.Option(None, help="Tasks in flight."),
         progress: bool = typer.Option(True, help="Progress bar."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="asyncio (this process) | ray (Ray Data: a "
+                                             "local Ray, or the cluster at $RAY_ADDRESS); settings as ray.<key>=..."),
         wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="Log counts and a trajectory "
                                                     "table to W&B (key from $WANDB_API_KEY; WANDB_MODE=offline ok)."),
         wandb_name: Optional[str] = typer.Option(None, "--wandb-name"),
@@ -56,13 +58,18 @@ def register(app: typer.Typer) -> None:
         from dataclasses import asdict
 
         from masksearch_rl.cot.pipeline import record_table, run_cot
+        from masksearch_rl.jsonl import InputError
         from masksearch_rl.tracking import TrackingConfig, start_run
 
         cfg = load_config(config, overrides or [], input=str(input), out=str(out), limit=limit,
-                          concurrency=concurrency, progress=progress)
+                          concurrency=concurrency, progress=progress, engine=engine)
         tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode, dir=wandb_dir)
         with start_run(tracking, "cot-build", asdict(cfg)) as tracker:
-            summary = run_cot(cfg)
+            try:
+                summary = run_cot(cfg, tracker)
+            except InputError as err:  # a truncated .gz: finished records are kept, the command fails naming it
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(1) from None
             tracker.summary({"run": summary["run"], "file": summary["file"], "judge": summary["judge"]})
             if tracker.enabled:
                 tracker.log_table("cot/trajectories", *record_table(out))

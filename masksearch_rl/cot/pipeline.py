@@ -8,16 +8,18 @@ Files, for ``--out trajectories.jsonl``:
   ``trajectories.jsonl``               one record per finished task (see :func:`make_record`), append-only
   ``trajectories.jsonl.errors.jsonl``  tasks that failed (not recorded above, so the next run retries them), with the
                                        cause: ``kind: backend`` (an endpoint, the search or the judge failed after
-                                       retries) or ``kind: task_error`` (an unexpected exception, with its traceback).
-                                       Pruned at the end of each run: ids written since are dropped, so it lists
-                                       only what is still failing
+                                       retries, or sent an unusable reply), ``kind: parse_error`` (a role's replies
+                                       never parsed, its correction turns included) or ``kind: task_error`` (an
+                                       unexpected exception, with its traceback). Pruned at the end of each run: ids
+                                       written since are dropped, so it lists only what is still failing
   ``trajectories.jsonl.summary.json``  counts for this run and for the whole output file
 
-Statuses: ``correct`` (judged right), ``wrong`` (judged wrong), ``max_turns`` (no answer within ``max_rounds``),
-``parse_error`` (a role never gave usable JSON). ``keep`` marks what goes to SFT: correct trajectories, or every
-answered one with ``keep: answered``. Backend errors (LLM endpoint, search or judge failed after retries) and task
-errors (any other exception while building one task) are counted, logged to the errors file and retried on the next
-run; one task's failure never stops the others. A failed judge call is a backend error unless ``judge_fallback`` is
+Statuses: ``correct`` (judged right), ``wrong`` (judged wrong), ``max_turns`` (no answer within ``max_rounds``).
+``keep`` marks what goes to SFT: correct trajectories, or every answered one with ``keep: answered``. Backend errors,
+parse errors (a role that never gave usable JSON: a fact about that reply, not about the task, so a later run may
+well get a usable one; unusable replies are never cached) and task errors (any other exception while building one
+task) are counted, logged to the errors file and retried on the next run; one task's failure never stops the
+others. A failed judge call is a backend error unless ``judge_fallback`` is
 on: then the answer is graded by exact match, the record's ``judge`` says ``by: answer_match, fallback: true`` and the
 summary counts ``judged_by_fallback`` (exact match marks a right paraphrase wrong, so it is off by default).
 
@@ -52,7 +54,7 @@ from masksearch_rl.retrieval.types import Hit, SearchBackend, SearchError
 logger = logging.getLogger(__name__)
 
 ROLES = ("planner", "rewriter", "observer", "judge")
-STATUSES = ("correct", "wrong", "max_turns", "parse_error")
+STATUSES = ("correct", "wrong", "max_turns")  # of a record; a task that fails has none (FAILURE_COUNTS)
 KEEP_MODES = ("correct", "answered")
 
 
@@ -77,10 +79,16 @@ class CotConfig:
     info_role: str = "tool"
     concurrency: int = 16  # tasks in flight
     limit: int | None = None
-    max_backend_errors: int = 1000  # stop early (progress kept) after this many failed tasks (backend + task errors)
+    max_backend_errors: int = 1000  # stop early (progress kept) after this many failed tasks (any kind)
     progress: bool = True
+    engine: str = "asyncio"  # asyncio (this module) | ray (Ray Data: masksearch_rl.distributed)
+    ray: dict[str, Any] = field(default_factory=dict)  # RayEngineConfig fields, for engine "ray"
 
     def __post_init__(self) -> None:
+        from masksearch_rl.distributed.engine import RayEngineConfig, check_engine
+
+        check_engine(self.engine)
+        RayEngineConfig.from_mapping(self.ray)
         self.input, self.out = os.fspath(self.input), os.fspath(self.out)
         unknown = set(self.llm) - {"default", *ROLES}
         if unknown:
@@ -102,6 +110,23 @@ class CotConfig:
 
 class BackendFailure(RuntimeError):
     """An LLM endpoint or the search backend failed after its retries: the task is retried on the next run."""
+
+
+class UnusableReplies(BackendFailure):
+    """A role's replies never parsed (correction turns included): the task is retried on the next run."""
+
+
+@dataclass
+class TaskFailure:
+    """Why a task gave no record (the next run retries it): ``kind`` is ``backend``, ``parse_error`` or
+    ``task_error`` (an unexpected exception, with its ``traceback``)."""
+
+    kind: str
+    error: str
+    traceback: str | None = None
+
+
+FAILURE_COUNTS = {"backend": "backend_error", "parse_error": "parse_error", "task_error": "task_error"}
 
 
 # ---------------------------------------------------------------------------------------------------- search
@@ -197,42 +222,38 @@ async def construct(task: Any, roles: Roles, backend: SearchBackend, config: Cot
         return await _construct(task, roles, backend, config, log, started)
     except LLMError as err:
         raise BackendFailure(f"llm: {err}") from err
+    except agents.ParseError as err:
+        raise UnusableReplies(str(err)) from err
 
 
 async def _construct(task, roles, backend, config, log, started) -> dict[str, Any]:
     settings = config.search_settings
     segments: list[Segment] = []
-    try:
-        plan = await agents.ask_role(roles.planner, "planner", agents.planner_messages(task.text), agents.parse_plan,
-                                     config.parse_retries, log)
-    except agents.ParseError as err:
-        return make_record(task, "parse_error", str(err), segments, None, None, log, started, config)
+    plan = await agents.ask_role(roles.planner, "planner", agents.planner_messages(task.text), agents.parse_plan,
+                                 config.parse_retries, log)
     pending = list(plan.sub_queries)
     think = plan.plan
     findings: list[str] = []
     failures = 0
     for round_number in range(1, config.max_rounds + 1):
         sub_query = pending.pop(0) if pending else task.text
-        try:
-            queries = await agents.ask_role(
-                roles.rewriter, "rewriter", agents.rewriter_messages(task.text, sub_query, config.min_queries),
-                lambda text: agents.parse_queries(text, config.min_queries, config.max_queries),
-                config.parse_retries, log,
-            )
-            observation, hits = await merged_search(backend, queries, settings, config.max_docs)
-            log.append({"role": "search", "queries": queries, "hit_ids": [h.id for h in hits]})
-            segments.append(Segment("policy", f"<think> {think} </think>\n<search> {sub_query} </search>"))
-            segments.append(Segment("info", information_block(observation)))
-            obs = await agents.ask_role(
-                roles.observer, "observer",
-                agents.observer_messages(
-                    task.text, plan.plan, findings, sub_query, observation, round_number, task.num_masks,
-                    own_knowledge=failures >= config.fallback_after, force_answer=round_number == config.max_rounds,
-                ),
-                agents.parse_observation, config.parse_retries, log,
-            )
-        except agents.ParseError as err:
-            return make_record(task, "parse_error", str(err), segments, None, None, log, started, config)
+        queries = await agents.ask_role(
+            roles.rewriter, "rewriter", agents.rewriter_messages(task.text, sub_query, config.min_queries),
+            lambda text: agents.parse_queries(text, config.min_queries, config.max_queries),
+            config.parse_retries, log,
+        )
+        observation, hits = await merged_search(backend, queries, settings, config.max_docs)
+        log.append({"role": "search", "queries": queries, "hit_ids": [h.id for h in hits]})
+        segments.append(Segment("policy", f"<think> {think} </think>\n<search> {sub_query} </search>"))
+        segments.append(Segment("info", information_block(observation)))
+        obs = await agents.ask_role(
+            roles.observer, "observer",
+            agents.observer_messages(
+                task.text, plan.plan, findings, sub_query, observation, round_number, task.num_masks,
+                own_knowledge=failures >= config.fallback_after, force_answer=round_number == config.max_rounds,
+            ),
+            agents.parse_observation, config.parse_retries, log,
+        )
         failures += not obs.found
         findings.append(obs.summary or obs.think)
         think = " ".join(part for part in (obs.summary, obs.think) if part)
@@ -245,13 +266,10 @@ async def _construct(task, roles, backend, config, log, started) -> dict[str, An
         if obs.action == "search":
             pending.insert(0, obs.sub_query)
         else:  # replan with what was found
-            try:
-                plan = await agents.ask_role(
-                    roles.planner, "planner", agents.planner_messages(task.text, "\n".join(f"- {f}" for f in findings)),
-                    agents.parse_plan, config.parse_retries, log,
-                )
-            except agents.ParseError as err:
-                return make_record(task, "parse_error", str(err), segments, None, None, log, started, config)
+            plan = await agents.ask_role(
+                roles.planner, "planner", agents.planner_messages(task.text, "\n".join(f"- {f}" for f in findings)),
+                agents.parse_plan, config.parse_retries, log,
+            )
             pending = list(plan.sub_queries)
             think = f"{think} New plan: {plan.plan}"
     return make_record(task, "max_turns", f"no answer within {config.max_rounds} rounds", segments, None, None, log,
@@ -270,6 +288,7 @@ def make_record(task, status, reason, segments, answer, judged, log, started, co
         "keep": keep,
         "answer": answer,
         "gold": [list(g) for g in task.golds],
+        "num_masks": task.num_masks,
         "judge": judged,
         "num_searches": sum(seg.kind == "info" for seg in segments),
         "messages": [*map(dict, task.prompt), *transcript_messages(segments, config.info_role)],
@@ -281,8 +300,13 @@ def make_record(task, status, reason, segments, answer, judged, log, started, co
 
 
 # ----------------------------------------------------------------------------------------------------- the job
-def run_cot(config: CotConfig) -> dict[str, Any]:
-    """Run (or resume) a construction job; returns the summary (also written next to the output)."""
+def run_cot(config: CotConfig, tracker: Any = None) -> dict[str, Any]:
+    """Run (or resume) a construction job; returns the summary (also written next to the output).
+    ``tracker`` receives the Ray engine's progress (the asyncio engine shows a progress bar)."""
+    if config.engine == "ray":
+        from masksearch_rl.distributed.jobs import run_cot_ray
+
+        return run_cot_ray(config, tracker)
     return asyncio.run(_run(config))
 
 
@@ -293,25 +317,33 @@ async def build_and_write(
     """Build ``task``'s record with ``build()`` and append it to ``writer``, counting a new one with ``count``
     (default :func:`count_record`).
 
-    A failure is counted (``backend_error``: :class:`BackendFailure`; ``task_error``: any other exception, with its
-    traceback) and logged to ``errors`` instead of raised, so one task never ends the run and the next run retries
-    it. Returns False when the task failed. Shared by ``cot build`` and the self-evolve iteration.
+    A failure (see :func:`attempt`) is counted under :data:`FAILURE_COUNTS` and logged to ``errors`` instead of
+    raised, so one task never ends the run and the next run retries it. Returns False when the task failed. Shared
+    by ``cot build`` and the self-evolve iteration.
     """
-    try:
-        record = await build()
-        written = writer.write(record)
-    except BackendFailure as err:
-        counts["backend_error"] += 1
-        errors.add(task.id, "backend", str(err))
+    outcome = await attempt(task, build)
+    if isinstance(outcome, TaskFailure):
+        counts[FAILURE_COUNTS[outcome.kind]] += 1
+        errors.add(task.id, outcome.kind, outcome.error, outcome.traceback)
         return False
-    except Exception as err:  # one task's bug must not end the run; it is retried next run
-        logger.exception("task %s failed", task.id)
-        counts["task_error"] += 1
-        errors.add(task.id, "task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
-        return False
-    if written:
-        (count or count_record)(counts, record)
+    if writer.write(outcome):
+        (count or count_record)(counts, outcome)
     return True
+
+
+async def attempt(task: Any, build: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any] | TaskFailure:
+    """``build()``'s record, or the :class:`TaskFailure` that says why there is none: ``parse_error``
+    (:class:`UnusableReplies`), ``backend`` (any other :class:`BackendFailure`) or ``task_error`` (any other
+    exception: one task's bug must not end the run). Both engines (this module's and Ray Data's) call it."""
+    try:
+        return await build()
+    except UnusableReplies as err:
+        return TaskFailure("parse_error", str(err))
+    except BackendFailure as err:
+        return TaskFailure("backend", str(err))
+    except Exception as err:
+        logger.exception("task %s failed", task.id)
+        return TaskFailure("task_error", f"{type(err).__name__}: {err}", traceback.format_exc())
 
 
 async def _run(config: CotConfig) -> dict[str, Any]:
@@ -340,7 +372,7 @@ async def _run(config: CotConfig) -> dict[str, Any]:
                         return
                     build = lambda: construct(task, roles, backend, config)
                     if not await build_and_write(task, build, writer, errors, run_counts):
-                        failures = run_counts["backend_error"] + run_counts["task_error"]
+                        failures = sum(run_counts[key] for key in FAILURE_COUNTS.values())
                         if failures >= config.max_backend_errors:
                             logger.error("stopping: %d failed tasks (max_backend_errors)", failures)
                             stop.set()
@@ -368,8 +400,7 @@ async def _run(config: CotConfig) -> dict[str, Any]:
         bar.close()
         await roles.aclose()
     summary = {
-        "run": {"processed": sum(run_counts[s] for s in STATUSES) + run_counts["backend_error"]
-                + run_counts["task_error"],
+        "run": {"processed": sum(run_counts[s] for s in STATUSES) + sum(run_counts[c] for c in FAILURE_COUNTS.values()),
                 "kept": run_counts["kept"], "correct": run_counts["correct"], "judged_wrong": run_counts["wrong"],
                 "max_turns": run_counts["max_turns"], "parse_errors": run_counts["parse_error"],
                 "backend_errors": run_counts["backend_error"], "task_errors": run_counts["task_error"],

@@ -15,8 +15,10 @@ nonsense), ``planner_garbage`` / ``rewriter_garbage`` / ``judge_garbage`` (that 
 wrong final answer), ``loop`` (never answers), ``replan`` (the Observer asks for a new plan after its first search),
 ``own_knowledge`` (the Observer finds nothing in any result and answers only once told it may use its own
 knowledge), ``chatty`` (the policy answers right but with untagged text before its answer). ``delay_s`` slows every
-reply. ``server.requests`` keeps ``{"role", "task", "user", "temperature"}`` of every request (``user``: the last
-message), for tests to inspect.
+reply; ``capacity`` serves at most that many requests at once (the rest queue, as at a real server's limit), and
+``max_in_flight`` records the most requests it ever held. ``server.requests`` keeps ``{"role", "task", "user",
+"temperature", "t"}`` of every request (``user``: the last message; ``t``: its arrival, monotonic seconds), for tests
+to inspect.
 
 QA records without ``oracle_queries`` (e.g. real HotpotQA files) are searched by their question.
 """
@@ -45,7 +47,8 @@ class ScriptedServer:
     (``id, query, masks, title``).
     """
 
-    def __init__(self, tasks: list[dict[str, Any]], delay_s: float = 0.0, slow_s: float = 3.0):
+    def __init__(self, tasks: list[dict[str, Any]], delay_s: float = 0.0, slow_s: float = 3.0,
+                 capacity: int | None = None):
         import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
@@ -53,19 +56,22 @@ class ScriptedServer:
         self.tasks = tasks
         self.behaviour: dict[str, str] = {}
         self.delay_s, self.slow_s = delay_s, slow_s
+        self.capacity = capacity  # requests served at once (like a server at its batch limit); the rest queue
+        self.in_flight = self.max_in_flight = 0  # requests inside the server, queued ones included
         self.hits: Counter = Counter()
         self.requests: list[dict[str, Any]] = []
+        self._slots: asyncio.Semaphore | None = None
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             body = await request.json()
-            return await self._respond(body, body["messages"], None, JSONResponse)
+            return await self._admitted(body, body["messages"], None, JSONResponse)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
             body = await request.json()
-            return await self._respond(body, None, body["prompt"], JSONResponse)
+            return await self._admitted(body, None, body["prompt"], JSONResponse)
 
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -90,6 +96,19 @@ class ScriptedServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    async def _admitted(self, body: dict, messages: list[dict] | None, prompt: str | None, JSONResponse):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.capacity is None:
+                return await self._respond(body, messages, prompt, JSONResponse)
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.capacity)
+            async with self._slots:
+                return await self._respond(body, messages, prompt, JSONResponse)
+        finally:
+            self.in_flight -= 1
 
     # ----------------------------------------------------------------------------------------------- dispatch
     def _task(self, text: str) -> dict[str, Any] | None:
@@ -119,7 +138,7 @@ class ScriptedServer:
         task_id = _task_id(task) if task else None
         behaviour = self.behaviour.get(task_id) if task else None
         self.requests.append({"role": role, "task": task_id, "temperature": body.get("temperature"),
-                              "user": str(messages[-1]["content"]) if messages else text})
+                              "user": str(messages[-1]["content"]) if messages else text, "t": time.monotonic()})
         if behaviour == "429" and role in ("planner", "policy"):
             return JSONResponse({"error": {"message": "rate limited"}}, status_code=429,
                                 headers={"retry-after-ms": "10"})
@@ -134,10 +153,12 @@ class ScriptedServer:
             reply, finish = _policy(task, text, behaviour, body)
         else:
             reply, finish = _ROLE[role](task, messages[-1]["content"], behaviour), None
-        return _completion(body.get("model", "scripted"), reply, prompt is not None, finish)
+        return _completion(body.get("model", "scripted"), reply, prompt is not None, finish, len(text.split()))
 
 
-def _completion(model: str, text: str, legacy: bool, finish: tuple[str, str | None] | None) -> dict:
+def _completion(model: str, text: str, legacy: bool, finish: tuple[str, str | None] | None,
+                prompt_words: int = 1) -> dict:
+    """The reply; ``usage`` counts words as tokens (enough for throughput figures)."""
     finish_reason, stop_reason = finish or ("stop", None)
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "stop_reason": stop_reason}
     if legacy:
@@ -146,7 +167,9 @@ def _completion(model: str, text: str, legacy: bool, finish: tuple[str, str | No
         choice["message"] = {"role": "assistant", "content": text}
     return {
         "id": "scripted-1", "object": "text_completion" if legacy else "chat.completion", "created": 0,
-        "model": model, "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
+                  "total_tokens": prompt_words + len(text.split())},
     }
 
 

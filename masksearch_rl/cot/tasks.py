@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +83,13 @@ def iter_tasks(path: str | Path, bad: BadLines, qa_source: str | None = None) ->
             continue
         seen.add(task.id)
         yield task
+
+
+def task_to_json(task: Task) -> dict[str, Any]:
+    """A Task as plain JSON (for the Ray engine's input shards); :func:`task_from_json` reads it back."""
+    return asdict(task)
+
+
+def task_from_json(data: dict[str, Any]) -> Task:
+    return Task(**{**data, "prompt": tuple(dict(m) for m in data["prompt"]),
+                   "golds": tuple(tuple(g) for g in data["golds"])})

@@ -27,8 +27,13 @@ def generate_command(
     api_key_env: str = typer.Option(
         "OPENAI_API_KEY", "--api-key-env", help="NAME of the env variable holding the key."
     ),
-    llm_concurrency: int = typer.Option(16, "--llm-concurrency"),
-    llm_timeout: float = typer.Option(60.0, "--llm-timeout", help="Seconds per request."),
+    llm_concurrency: int = typer.Option(
+        16, "--llm-concurrency", help="Requests in flight (with --engine ray: over all workers together)."
+    ),
+    llm_rate: Optional[float] = typer.Option(
+        None, "--llm-rate-per-s", help="Requests per second (with --engine ray: over all workers together)."
+    ),
+    llm_timeout: float = typer.Option(60.0, "--llm-timeout", help="Deadline of one attempt, whole reply included."),
     llm_max_retries: int = typer.Option(3, "--llm-max-retries"),
     llm_cache_dir: Optional[str] = typer.Option(
         None, "--llm-cache-dir", help="On-disk response cache (default: next to --out)."
@@ -58,6 +63,16 @@ def generate_command(
         True, "--prepend-title/--no-prepend-title", help="Name the subject when the passage never does."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    engine: str = typer.Option(
+        "asyncio", "--engine", help="asyncio (this process) | ray (Ray Data: a local Ray, or the cluster at "
+        "$RAY_ADDRESS)."
+    ),
+    ray_workers: int = typer.Option(2, "--ray-workers", help="--engine ray: worker actors."),
+    ray_batch_size: int = typer.Option(64, "--ray-batch-size", help="--engine ray: passages per map batch."),
+    ray_work_dir: Optional[str] = typer.Option(
+        None, "--ray-work-dir", help="--engine ray: input/output shards and checkpoints (default <out>.ray; on a "
+        "cluster, a shared file system)."
+    ),
     wandb_project: Optional[str] = typer.Option(
         None, "--wandb-project", help="Log the run summary to W&B (key from $WANDB_API_KEY; WANDB_MODE=offline ok)."
     ),
@@ -67,6 +82,7 @@ def generate_command(
 ) -> None:
     """Generate RAMP items (resumable: re-run the same command after a kill)."""
     from envs.prompts import RAMP_INSTRUCTION
+    from masksearch_rl.jsonl import InputError
     from masksearch_rl.llm import LLMConfig
     from masksearch_rl.ramp.masking import MaskingConfig
     from masksearch_rl.ramp.pipeline import RampConfig, generate_ramp
@@ -86,6 +102,7 @@ def generate_command(
                 model=llm_model,
                 api_key_env=api_key_env,
                 concurrency=llm_concurrency,
+                rate_per_s=llm_rate,
                 timeout_s=llm_timeout,
                 max_retries=llm_max_retries,
                 cache_dir=llm_cache_dir or f"{out}.llm_cache",
@@ -99,17 +116,23 @@ def generate_command(
             min_words=min_words,
             prepend_title=prepend_title,
             progress=progress,
+            engine=engine,
+            ray={"workers": ray_workers, "batch_size": ray_batch_size, "work_dir": ray_work_dir},
         )
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     from masksearch_rl.tracking import TrackingConfig, start_run
 
     options = {"corpus": corpus, "out": out, "extractor": extractor, "k_dist": k_dist, "weighting": weighting,
-               "max_masks": max_masks, "seed": seed, "limit": limit, "ppl_model": ppl_model}
+               "max_masks": max_masks, "seed": seed, "limit": limit, "ppl_model": ppl_model, "engine": engine}
     with start_run(TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode, dir=wandb_dir),
                    "ramp-generate",
                    options) as tracker:
-        summary = generate_ramp(config)
+        try:
+            summary = generate_ramp(config, tracker)
+        except InputError as err:  # a truncated .gz: what was finished is kept, the command fails naming the file
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(code=1) from None
         k_rows = _k_rows(summary["totals"]["mask_histogram"])
         tracker.summary({"run": summary["run"], "totals": summary["totals"]})
         if tracker.enabled:
@@ -136,11 +159,14 @@ def generate_command(
         )
     )
     _print_k_histogram(k_rows)
-    if run["llm_errors"]:
-        typer.echo(f"{run['llm_errors']} passages failed at the endpoint and were left for a re-run.", err=True)
+    if run["llm_errors"] or run["parse_rejects"]:
+        typer.echo(f"{run['llm_errors']} passages failed at the endpoint and {run['parse_rejects']} got replies that "
+                   "did not parse; they were left for a re-run.", err=True)
     if run["stopped"]:
         typer.echo(run["stopped"], err=True)
         raise typer.Exit(code=1)
+    if "ray" in summary and summary["ray"]["error"] is None and summary["run"].get("errors_pending"):
+        typer.echo(f"{summary['run']['errors_pending']} passages are still failing: {out}.errors.jsonl", err=True)
 
 
 @ramp_app.command("export")

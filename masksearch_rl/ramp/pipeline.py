@@ -11,7 +11,13 @@ Files, for ``--out items.jsonl``:
 
 Determinism: the random generator for a passage is seeded from ``(seed, passage id)``, so the output does not
 depend on the number of workers, on the order passages finish in, or on where a killed run stopped.
-Passages whose LLM call failed (endpoint errors after retries) are *not* recorded, so the next run retries them.
+Passages whose LLM call failed (endpoint errors after retries, unusable replies) or whose reply did not parse as a
+span list are *not* recorded (``llm_errors``, ``parse_rejects``), so the next run retries them; an unparseable reply
+is not cached either.
+
+Two engines run the same per-passage steps: this module's (one process; offline extraction in a process pool, LLM
+calls on one event loop) and Ray Data's (``--engine ray``, :mod:`masksearch_rl.distributed`), for runs past one
+machine.
 """
 
 from __future__ import annotations
@@ -74,8 +80,14 @@ class RampConfig:
     chunk_size: int = 128  # passages per worker task
     max_llm_errors: int = 1000  # stop (progress kept) when the endpoint keeps failing
     progress: bool = True
+    engine: str = "asyncio"  # asyncio (this module) | ray (Ray Data: masksearch_rl.distributed)
+    ray: dict[str, Any] = field(default_factory=dict)  # RayEngineConfig fields, for engine "ray"
 
     def __post_init__(self) -> None:
+        from masksearch_rl.distributed.engine import RayEngineConfig, check_engine
+
+        check_engine(self.engine)
+        RayEngineConfig.from_mapping(self.ray)
         self.corpus, self.out = os.fspath(self.corpus), os.fspath(self.out)
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
@@ -269,8 +281,12 @@ class _Sink:
         self._pending: list[Prepared] = []
 
     def add(self, prepared: Prepared) -> None:
-        if prepared.parse_error:
+        if prepared.parse_error:  # not a property of the passage: left for the next run, like an endpoint error
             self.stats.parse_rejects += 1
+            if self.stats.parse_rejects <= 5:
+                logger.warning("passage %s left for a later run: %s", prepared.passage.id, prepared.parse_error)
+            self.bar.update(1)
+            return
         self.stats.candidate_rejects.update(prepared.rejects)
         if self.scorer is None or prepared.drop or prepared.result is not None:
             self._finish(prepared, None)
@@ -298,8 +314,6 @@ class _Sink:
                 self.stats.span_types_masked.update(result["mask_types"])
         else:
             record = {"id": prepared.passage.id, "reason": result}
-            if prepared.parse_error:
-                record["detail"] = prepared.parse_error[:200]
             if self.dropped.write(record):
                 self.stats.dropped += 1
                 self.stats.drop_reasons[result] += 1
@@ -340,8 +354,13 @@ def _count_lines(path: str, limit: int | None) -> int | None:
     return min(total, limit) if limit is not None else total
 
 
-def generate_ramp(config: RampConfig) -> dict[str, Any]:
-    """Run (or resume) a generation job; returns the summary that is also written next to the output."""
+def generate_ramp(config: RampConfig, tracker: Any = None) -> dict[str, Any]:
+    """Run (or resume) a generation job; returns the summary that is also written next to the output.
+    ``tracker`` receives the Ray engine's progress (the asyncio engine shows a progress bar)."""
+    if config.engine == "ray":
+        from masksearch_rl.distributed.jobs import generate_ramp_ray
+
+        return generate_ramp_ray(config, tracker)
     from tqdm import tqdm
 
     started = time.perf_counter()

@@ -40,6 +40,14 @@ def register(app: typer.Typer) -> None:
         max_turns: int = typer.Option(4, help="Searches answered per episode."),
         chat_mode: str = typer.Option("turns", help="turns (any chat API) | continue (vLLM continue_final_message)."),
         concurrency: int = typer.Option(32),
+        curriculum: Optional[str] = typer.Option(None, "--curriculum", help="Take fresh items and order the SFT "
+                                                 "rows by mask count as the RL sampler does: staged | mixed."),
+        curriculum_seed: int = typer.Option(0, "--curriculum-seed", help="Shuffle seed of the schedule."),
+        engine: str = typer.Option("asyncio", "--engine", help="The teacher step: asyncio (this process) | ray (Ray "
+                                   "Data: a local Ray, or the cluster at $RAY_ADDRESS)."),
+        ray_workers: int = typer.Option(2, "--ray-workers", help="--engine ray: worker actors."),
+        ray_work_dir: Optional[str] = typer.Option(None, "--ray-work-dir", help="--engine ray: shards and "
+                                                   "checkpoints (default iter_<i>/teacher.jsonl.ray)."),
         progress: bool = typer.Option(True),
         wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="Log the iteration's stats and a "
                                                     "teacher-trajectory table to W&B (WANDB_MODE=offline ok)."),
@@ -53,6 +61,7 @@ def register(app: typer.Typer) -> None:
         from envs.search_client import search_backend_config
         from masksearch_rl.cot.pipeline import record_table
         from masksearch_rl.selfevolve.iteration import IterationConfig, run_iteration
+        from masksearch_rl.sft.cli import curriculum_config
         from masksearch_rl.tracking import TrackingConfig, start_run
 
         try:
@@ -67,12 +76,14 @@ def register(app: typer.Typer) -> None:
             judge={"base_url": judge_url, "model": judge_model, "api_key_env": api_key_env},
             search={"backend": backend, "topk": topk, "max_info_tokens": max_info_tokens}, num_items=num_items,
             max_turns=max_turns, chat_mode=chat_mode, judge_fallback=judge_fallback, concurrency=concurrency,
+            curriculum=asdict(curriculum_config(curriculum, None, curriculum_seed)) if curriculum else None,
+            engine=engine, ray={"workers": ray_workers, "work_dir": ray_work_dir, "batch_size": 16},
             progress=progress,
         )
         tracking = TrackingConfig(project=wandb_project, name=wandb_name or f"selfevolve-iter{iteration}",
                                   mode=wandb_mode, dir=wandb_dir)
         with start_run(tracking, "selfevolve", asdict(config)) as tracker:
-            stats = run_iteration(config)
+            stats = run_iteration(config, tracker)
             tracker.summary(stats)
             if tracker.enabled:
                 tracker.log_table("selfevolve/teacher_trajectories", *record_table(config.iter_dir / "teacher.jsonl"))

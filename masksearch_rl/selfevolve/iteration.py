@@ -21,6 +21,13 @@ normal, the others make the record ``format`` not ok.
 
 ``stats.json``: ``teacher`` is recounted from the whole ``teacher.jsonl`` (right after any number of resumes),
 ``run`` is what this process did.
+
+Curriculum (``curriculum``: :class:`~masksearch_rl.curriculum.sampler.CurriculumConfig` fields, ``staged`` or
+``mixed``): the fresh items are taken in the RL sampler's order over the pool (``staged``: one-mask items first, so
+early rounds distil the easy items and later rounds the harder ones; each round continues down the schedule past
+what earlier rounds attempted), the round's SFT export follows the same schedule (:func:`masksearch_rl.sft.export
+.export_sft`), and ``stats.json`` records it (``curriculum``: the settings, the fresh items per mask count, the SFT
+rows per stage).
 """
 
 from __future__ import annotations
@@ -66,11 +73,27 @@ class IterationConfig:
     concurrency: int = 32
     val_fraction: float = 0.02
     seed: int = 0
+    curriculum: dict[str, Any] | None = None  # CurriculumConfig fields (mode staged | mixed); None: pool order
+    engine: str = "asyncio"  # the teacher step: asyncio (one process) | ray (Ray Data, masksearch_rl.distributed)
+    ray: dict[str, Any] = field(default_factory=dict)  # RayEngineConfig fields
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from masksearch_rl.distributed.engine import RayEngineConfig, check_engine
+
         if self.iteration < 1 or self.num_items < 1:
             raise ValueError("selfevolve iteration and num_items must be >= 1")
+        check_engine(self.engine)
+        RayEngineConfig.from_mapping(self.ray)  # fails now, not after the items are chosen
+        if self.curriculum is not None:
+            mode = self.curriculum_config().mode
+            if mode not in ("staged", "mixed"):
+                raise ValueError(f"selfevolve curriculum.mode must be staged or mixed, got {mode!r}")
+
+    def curriculum_config(self) -> Any:
+        from masksearch_rl.curriculum.sampler import CurriculumConfig
+
+        return None if self.curriculum is None else CurriculumConfig.from_mapping(self.curriculum)
 
     @property
     def iter_dir(self) -> Path:
@@ -88,19 +111,49 @@ def attempted_ids(work_dir: Path, before: int) -> set[str]:
 
 
 def fresh_tasks(config: IterationConfig, exclude: set[str], bad: BadLines) -> list:
+    """The first ``num_items`` pool items not in ``exclude``: in pool order, or in the curriculum's."""
     from masksearch_rl.cot.tasks import iter_tasks
 
-    chosen = []
-    for task in iter_tasks(config.items, bad):
-        if task.id not in exclude:
+    curriculum = config.curriculum_config()
+    if curriculum is None:
+        candidates = iter_tasks(config.items, bad)
+    else:
+        from masksearch_rl.curriculum.sampler import data_order
+
+        pool = list(iter_tasks(config.items, bad))
+        missing = [task.id for task in pool if task.num_masks is None]
+        if missing:
+            raise ValueError(f"a curriculum orders items by mask count, but {len(missing)} pool item(s) have none "
+                             f"(QA records), e.g. id {missing[0]!r}")
+        candidates = (pool[i] for i in data_order([task.num_masks for task in pool], curriculum).indices)
+    chosen, seen = [], set()
+    for task in candidates:
+        if task.id not in exclude and task.id not in seen:
+            seen.add(task.id)
             chosen.append(task)
             if len(chosen) >= config.num_items:
                 break
     return chosen
 
 
-def run_iteration(config: IterationConfig) -> dict[str, Any]:
-    return asyncio.run(_run(config))
+def run_iteration(config: IterationConfig, tracker: Any = None) -> dict[str, Any]:
+    """Run (or resume) one iteration: choose the fresh items, run the teacher step on the configured engine
+    (``tracker`` receives the Ray engine's progress), merge, export SFT data, write ``stats.json``."""
+    started = time.perf_counter()
+    out_dir = config.iter_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bad = BadLines()
+    base = [r for _, r in iter_jsonl(config.dataset, bad=bad, required=("id",))] if config.dataset else []
+    exclude = {str(r["id"]) for r in base} | attempted_ids(Path(config.work_dir), config.iteration)
+    tasks = fresh_tasks(config, exclude, bad)
+    teacher_path = out_dir / "teacher.jsonl"
+    if config.engine == "ray":
+        from masksearch_rl.distributed.jobs import run_teacher_ray
+
+        teacher = run_teacher_ray(config, tasks, teacher_path, tracker)
+    else:
+        teacher = asyncio.run(_run_teacher(config, tasks, teacher_path))
+    return _finish(config, base, tasks, teacher, bad, started)
 
 
 async def teacher_record(task: Any, policy: Any, search: Any, judge: Any, config: IterationConfig) -> dict[str, Any]:
@@ -136,32 +189,37 @@ async def teacher_record(task: Any, policy: Any, search: Any, judge: Any, config
     return {
         "id": task.id, "data_source": task.data_source, "kind": task.kind, "status": status, "reason": reason,
         "keep": keep, "format": fmt, "answer": episode.answer, "gold": [list(g) for g in task.golds],
+        "num_masks": task.num_masks,
         "judge": judged, "num_searches": episode.search_count, "messages": episode.to_messages(config.info_role),
         "response": episode.raw, "log": episode.to_dict()["turns"], "latency_s": round(episode.latency_s, 3),
         "generator": f"teacher_iter{config.iteration}",
     }
 
 
-async def _run(config: IterationConfig) -> dict[str, Any]:
+@dataclass
+class TeacherRun:
+    """What the teacher step of one run did: its counts (``count_teacher_record`` plus failures and
+    ``skipped_done``), the ids still failing, and the LLM clients' counters."""
+
+    counts: Counter
+    errors_pending: int
+    teacher_llm: dict[str, Any]
+    judge: dict[str, Any]
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+async def _run_teacher(config: IterationConfig, tasks: list, teacher_path: Path) -> TeacherRun:
     from tqdm import tqdm
 
     from envs.rollout import ChatPolicy, make_search_env
     from masksearch_rl.llm import LLMClient, LLMConfig
     from reward.judge import JUDGE_LLM_DEFAULTS, Judge
 
-    started = time.perf_counter()
-    out_dir = config.iter_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bad = BadLines()
-    base = [r for _, r in iter_jsonl(config.dataset, bad=bad, required=("id",))] if config.dataset else []
-    exclude = {str(r["id"]) for r in base} | attempted_ids(Path(config.work_dir), config.iteration)
-    tasks = fresh_tasks(config, exclude, bad)
     teacher = LLMClient(LLMConfig.from_dict(config.teacher))
     judge = Judge(LLMClient(LLMConfig.from_dict({**JUDGE_LLM_DEFAULTS, **config.judge})))
     policy = ChatPolicy(teacher, mode=config.chat_mode, info_role=config.info_role)
     search = make_search_env(config.search)
     run: Counter = Counter()
-    teacher_path = out_dir / "teacher.jsonl"
     writer = ResumableJsonlWriter(teacher_path)
     errors = ErrorLog(teacher_path.with_name(teacher_path.name + ".errors.jsonl"), writer.done)
     semaphore = asyncio.Semaphore(config.concurrency)
@@ -170,7 +228,7 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
     async def one(task) -> None:
         async with semaphore:
             await cot.build_and_write(task, lambda: teacher_record(task, policy, search, judge, config), writer, errors,
-                                  run, _count)
+                                      run, count_teacher_record)
 
     try:
         with errors, writer:  # the writer closes (fsync) first, then the error log is pruned against it
@@ -185,36 +243,54 @@ async def _run(config: IterationConfig) -> dict[str, Any]:
         bar.close()
         await teacher.aclose()
         await judge.client.aclose()
-    merged = merge_iteration(base, teacher_path, out_dir / "dataset.jsonl")
+    return TeacherRun(run, errors.pending, dict(teacher.stats), dict(judge.stats))
+
+
+def _finish(config: IterationConfig, base: list[dict], tasks: list, teacher: TeacherRun, bad: BadLines,
+            started: float) -> dict[str, Any]:
+    """Merge the kept teacher records into D_T, export SFT data, write and return ``stats.json``."""
     from masksearch_rl.sft.export import export_sft
 
+    out_dir = config.iter_dir
+    teacher_path = out_dir / "teacher.jsonl"
+    merged = merge_iteration(base, teacher_path, out_dir / "dataset.jsonl")
     if merged["total"]:
-        sft = export_sft([out_dir / "dataset.jsonl"], out_dir / "sft", config.val_fraction, config.seed)
+        sft = export_sft([out_dir / "dataset.jsonl"], out_dir / "sft", config.val_fraction, config.seed,
+                         curriculum=config.curriculum_config())
     else:  # nothing kept yet (e.g. every item failed on a backend): still write the stats, there is no SFT data
         sft = {"train": 0, "val": 0}
     whole: Counter = Counter()
-    for _, record in iter_jsonl(teacher_path, bad=BadLines()):
-        _count(whole, record)
+    if teacher_path.exists():
+        for _, record in iter_jsonl(teacher_path, bad=BadLines()):
+            count_teacher_record(whole, record)
+    run = teacher.counts
     stats = {
         "iteration": config.iteration,
         "fresh_items": len(tasks),
         "teacher": _named(whole),  # the whole teacher.jsonl, recounted
         "run": {**_named(run), "backend_errors": run["backend_error"], "task_errors": run["task_error"],
                 "skipped_done": run["skipped_done"]},  # this process only
-        "errors_pending": errors.pending,
+        "errors_pending": teacher.errors_pending,
         "merge": merged,
         "sft": {k: sft[k] for k in ("train", "val")},
-        "teacher_llm": dict(teacher.stats),
-        "judge": dict(judge.stats),
+        "teacher_llm": teacher.teacher_llm,
+        "judge": teacher.judge,
         "bad_input_lines": bad.summary(),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if teacher.engine:
+        stats["engine"] = teacher.engine
+    if config.curriculum is not None:
+        by_k = Counter(task.num_masks for task in tasks)
+        stats["curriculum"] = {**config.curriculum,
+                               "fresh_items_by_num_masks": {str(k): by_k[k] for k in sorted(by_k)},
+                               "sft": sft.get("curriculum")}
     with atomic_path(out_dir / "stats.json") as tmp:
         tmp.write_text(json.dumps(stats, indent=2))
     return stats
 
 
-def _count(counts: Counter, record: dict[str, Any]) -> None:
+def count_teacher_record(counts: Counter, record: dict[str, Any]) -> None:
     """Add one teacher record to ``counts`` (this run's records and the whole file's recount): ``cot build``'s
     counts plus ``format_rejected``, judged correct but not kept for its format."""
     cot.count_record(counts, record)
