@@ -229,6 +229,27 @@ def measure(servers: dict[str, ServerProcess], queries: list[str], concurrency: 
     return figures
 
 
+@contextlib.contextmanager
+def start_server(cmd: list[str], name: str, log, attempts: int = 3):
+    """A started :class:`ServerProcess`; a start that fails (e.g. its free port was taken by another program
+    before the server bound it) is retried on a new port, ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        server = ServerProcess(cmd, name, cwd=ROOT, log=log, startup_timeout_s=900)
+        try:
+            server.__enter__()
+        except RuntimeError as err:
+            if attempt == attempts:
+                raise
+            print(f"  {name} did not start ({err}); retrying on another port", flush=True)
+            time.sleep(2 * attempt)
+            continue
+        try:
+            yield server
+        finally:
+            server.__exit__(None, None, None)
+        return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, nargs="+", default=[1_000_000])
@@ -279,8 +300,7 @@ def main() -> None:
             running = {}
             for name, cmd in servers.items():
                 log = stack.enter_context(open(args.work_dir / f"server-{name}-{passages}.log", "w"))
-                running[name] = stack.enter_context(ServerProcess(cmd, name, cwd=ROOT, log=log,
-                                                                  startup_timeout_s=900))
+                running[name] = stack.enter_context(start_server(cmd, name, log))
             figures = measure(running, queries, args.concurrency, args.duration, args.rounds, args.batched_posts,
                               args.topk)
         agree = None
@@ -288,11 +308,11 @@ def main() -> None:
             sample = queries[: args.agreement_queries]
             cmd = [sys.executable, "-m", "masksearch_rl.cli", "serve", "--index", built["ours_pyserini_index"]]
             with open(args.work_dir / f"server-preset-{passages}.log", "w") as log, \
-                    ServerProcess(cmd, "ours-preset", cwd=ROOT, log=log, startup_timeout_s=900) as server:
+                    start_server(cmd, "ours-preset", log) as server:
                 ours_top = top3(server.url, sample)
             cmd = servers["searchr1"]
             with open(args.work_dir / f"server-searchr1-agree-{passages}.log", "w") as log, \
-                    ServerProcess(cmd, "searchr1", cwd=ROOT, log=log, startup_timeout_s=900) as server:
+                    start_server(cmd, "searchr1", log) as server:
                 their_top = top3(server.url, sample)
             agree = agreement(ours_top, their_top)
             print(f"  top-3 agreement, pyserini preset vs Lucene: {agree}", flush=True)
