@@ -128,8 +128,31 @@ def load_queries(world: Path, limit: int = 5000) -> list[str]:
     return queries[:limit]
 
 
-def wrk(url: str, queries: list[str], clients: int, duration_s: float, topk: int) -> dict:
-    """``clients`` closed-loop connections from ``wrk`` for ``duration_s`` seconds, single-query bodies."""
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants (0 without a pid)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def wrk(url: str, queries: list[str], clients: int, duration_s: float, topk: int,
+        server_pid: int | None = None) -> dict:
+    """``clients`` closed-loop connections from ``wrk`` for ``duration_s`` seconds, single-query bodies; with
+    ``server_pid``, also the server's CPU time per request (its process and its children)."""
     with tempfile.TemporaryDirectory() as tmp:
         bodies = Path(tmp) / "bodies.jsonl"
         bodies.write_text("".join(json.dumps({"queries": [q], "topk": topk, "return_scores": True}) + "\n"
@@ -138,7 +161,9 @@ def wrk(url: str, queries: list[str], clients: int, duration_s: float, topk: int
                    "-s", str(WRK_SCRIPT), url, "--", str(bodies)]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         load = os.getloadavg()[0]
+        server_before = tree_cpu_s(server_pid)
         done = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 120)
+        server_cpu = tree_cpu_s(server_pid) - server_before
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -151,26 +176,31 @@ def wrk(url: str, queries: list[str], clients: int, duration_s: float, topk: int
         "qps": round(result["requests"] / wall, 1),
         "p50_ms": round(result["p50_us"] / 1000, 2), "p99_ms": round(result["p99_us"] / 1000, 2),
         "wrk_cpu": round(cpu / wall, 2), "load_avg_1m": round(load, 2),
+        # the server's own CPU per request: what a request costs whatever share of the cores the server got
+        "server_cores": round(server_cpu / wall, 2),
+        "server_cpu_ms_per_req": round(1000 * server_cpu / max(1, result["requests"]), 3),
     }
 
 
-def batched(url: str, queries: list[str], posts: int, topk: int) -> dict:
+def batched(url: str, queries: list[str], posts: int, topk: int, server_pid: int | None = None) -> dict:
     """One client posting ``BATCH_QUERIES`` queries at once, ``posts`` times (Search-R1's client shape)."""
     rotated = (queries * (BATCH_QUERIES // len(queries) + 2))
-    times = []
+    times, cpus = [], []
     with httpx.Client(timeout=600) as client:
         for i in range(posts + 1):  # the first is a warm-up
             start = (i * 997) % len(queries)
             body = {"queries": rotated[start : start + BATCH_QUERIES], "topk": topk, "return_scores": True}
-            began = time.perf_counter()
+            began, cpu_before = time.perf_counter(), tree_cpu_s(server_pid)
             response = client.post(url + "/retrieve", json=body)
-            elapsed = time.perf_counter() - began
+            elapsed, cpu = time.perf_counter() - began, tree_cpu_s(server_pid) - cpu_before
             if response.status_code != 200 or len(response.json()["result"]) != BATCH_QUERIES:
                 raise RuntimeError(f"batched POST to {url} failed: HTTP {response.status_code} {response.text[:300]}")
             if i:
                 times.append(elapsed)
+                cpus.append(cpu)
     return {"queries_per_post": BATCH_QUERIES, "posts": posts, "seconds_per_post": round(sum(times) / posts, 3),
-            "qps": round(BATCH_QUERIES * posts / sum(times), 1), "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "qps": round(BATCH_QUERIES * posts / sum(times), 1), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "server_cpu_ms_per_query": round(1000 * sum(cpus) / (BATCH_QUERIES * posts), 3)}
 
 
 def top3(url: str, queries: list[str]) -> list[list[str]]:
@@ -206,26 +236,32 @@ def measure(servers: dict[str, ServerProcess], queries: list[str], concurrency: 
         per_round: dict[str, list[dict]] = {name: [] for name in servers}
         for _ in range(rounds):
             for name, server in servers.items():
-                per_round[name].append(wrk(server.url, queries, clients, duration_s / rounds, topk))
+                per_round[name].append(wrk(server.url, queries, clients, duration_s / rounds, topk,
+                                           server.proc.pid if server.proc else None))
         for name, runs in per_round.items():
             row = {"clients": clients, "rounds": runs,
                    **{key: round(statistics.median(r[key] for r in runs), 2)
-                      for key in ("qps", "p50_ms", "p99_ms", "load_avg_1m")},
+                      for key in ("qps", "p50_ms", "p99_ms", "load_avg_1m", "server_cores",
+                                  "server_cpu_ms_per_req")},
                    "errors": sum(r["errors"] for r in runs), "requests": sum(r["requests"] for r in runs)}
             figures[name]["single"].append(row)
             print(f"  {name:9s} C={clients:3d} {row['qps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-                  f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  (medians of {rounds} rounds; qps by round "
+                  f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  server CPU {row['server_cpu_ms_per_req']:.2f} "
+                  f"ms/req on {row['server_cores']:.2f} cores  (medians of {rounds} rounds; qps by round "
                   f"{[r['qps'] for r in runs]}, load {[r['load_avg_1m'] for r in runs]})", flush=True)
     if posts:
         per_post: dict[str, list[dict]] = {name: [] for name in servers}
         for _ in range(posts):
             for name, server in servers.items():
-                per_post[name].append(batched(server.url, queries, 1, topk))
+                per_post[name].append(batched(server.url, queries, 1, topk, server.proc.pid if server.proc else None))
         for name, runs in per_post.items():
             figures[name]["batched"] = {"queries_per_post": BATCH_QUERIES, "posts": posts, "rounds": runs,
-                                        "qps": round(statistics.median(r["qps"] for r in runs), 1)}
+                                        "qps": round(statistics.median(r["qps"] for r in runs), 1),
+                                        "server_cpu_ms_per_query": round(statistics.median(
+                                            r["server_cpu_ms_per_query"] for r in runs), 3)}
             print(f"  {name:9s} {BATCH_QUERIES} queries/POST: {figures[name]['batched']['qps']:8.1f} q/s "
-                  f"(median of {posts}; {[r['qps'] for r in runs]})", flush=True)
+                  f"(median of {posts}; {[r['qps'] for r in runs]}); server CPU "
+                  f"{figures[name]['batched']['server_cpu_ms_per_query']:.3f} ms/query", flush=True)
     return figures
 
 
@@ -324,16 +360,22 @@ def main() -> None:
                 pairs = zip(mine["rounds"], theirs["rounds"])
                 return round(statistics.median(m["qps"] / t["qps"] for m, t in pairs), 2)
 
-            print(f"\n  {'shape':>22s} {'searchr1':>10s} {'ours':>10s} {'ratio':>7s} {'p99 ours':>9s}")
+            print(f"\n  {'shape':>22s} {'searchr1':>10s} {'ours':>10s} {'ratio':>7s} {'p99 ours':>9s} "
+                  f"{'CPU/req ratio':>14s}")
             for theirs, mine in zip(base["single"], figures["ours"]["single"]):
                 mine["ratio_vs_searchr1"] = ratio(mine, theirs)
+                mine["cpu_ratio_vs_searchr1"] = round(theirs["server_cpu_ms_per_req"]
+                                                      / max(1e-9, mine["server_cpu_ms_per_req"]), 2)
                 print(f"  {'C=' + str(mine['clients']) + ' single-query':>22s} {theirs['qps']:10.1f} "
-                      f"{mine['qps']:10.1f} {mine['ratio_vs_searchr1']:6.2f}x {mine['p99_ms']:7.1f}ms")
+                      f"{mine['qps']:10.1f} {mine['ratio_vs_searchr1']:6.2f}x {mine['p99_ms']:7.1f}ms "
+                      f"{mine['cpu_ratio_vs_searchr1']:13.2f}x")
             if base["batched"] and figures["ours"]["batched"]:
                 theirs, mine = base["batched"], figures["ours"]["batched"]
                 mine["ratio_vs_searchr1"] = ratio(mine, theirs)
+                mine["cpu_ratio_vs_searchr1"] = round(theirs["server_cpu_ms_per_query"]
+                                                      / max(1e-9, mine["server_cpu_ms_per_query"]), 2)
                 print(f"  {'2,560 per POST':>22s} {theirs['qps']:10.1f} {mine['qps']:10.1f} "
-                      f"{mine['ratio_vs_searchr1']:6.2f}x")
+                      f"{mine['ratio_vs_searchr1']:6.2f}x {'':>9s} {mine['cpu_ratio_vs_searchr1']:13.2f}x")
         results.append({"build": built, "servers": figures, "agreement": agree,
                         "serve_args": args.serve_args})
         if args.out:  # after each size: a run cut short keeps what it measured

@@ -542,3 +542,16 @@ def test_cli_build_and_search(corpus, tmp_path):
     assert [line["hits"][0]["document"]["id"] for line in lines] == ["p4", "p22"]
     missing = runner.invoke(app, ["search", "--index", str(tmp_path / "nope"), "x"])
     assert missing.exit_code != 0 and "not found" in missing.output
+
+
+def test_pyserini_preset_rounds_lengths_as_lucene_norms_do():
+    """Lucene keeps a passage's length in one byte: exact below 24, then 24 + the excess cut to 4 significant bits."""
+    lengths = np.array([0, 1, 23, 24, 31, 32, 39, 40, 47, 100, 124, 1000])
+    assert bm25_module.lucene_lengths(lengths).tolist() == [0, 1, 23, 24, 31, 32, 39, 40, 46, 96, 120, 984]
+    preset = bm25_module.Bm25Options.with_preset("pyserini")
+    assert (preset.k1, preset.b, preset.stemmer, preset.lengths) == (0.9, 0.4, "porter", "lucene")
+    assert bm25_module.Bm25Options.with_preset("pyserini", lengths="exact").lengths == "exact"
+    norms = bm25_module._norms(np.array([10, 47, 100]), preset)  # the average stays that of the exact lengths
+    assert np.allclose(norms, 0.9 * (1 - 0.4 + 0.4 * np.array([10, 46, 96]) / 52.333333), rtol=1e-5)
+    with pytest.raises(ValueError, match="lengths"):
+        bm25_module.Bm25Options(lengths="rounded")

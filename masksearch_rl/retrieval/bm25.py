@@ -11,8 +11,9 @@ query time from the term frequency and the passage length, as Lucene does.
 Scoring is Lucene's BM25: ``idf(t) * tf / (tf + k1 * (1 - b + b * len / avglen))`` with
 ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``; a query term given twice counts twice. Defaults: k1 1.5, b 0.75, the
 English stopword list Lucene uses (33 words) and the Snowball English stemmer. The ``pyserini`` preset is
-Anserini's defaults (k1 0.9, b 0.4, Porter stemmer, Lucene's tokenisation of numbers, initials and possessives),
-for results close to a pyserini index of the same corpus.
+Anserini's defaults (k1 0.9, b 0.4, Porter stemmer, Lucene's tokenisation of numbers, initials and possessives,
+passage lengths rounded as Lucene's one-byte norms round them), for results close to a pyserini index of the same
+corpus.
 
 Search (:func:`_bm25_topk_batch`) touches only the passages in the query's posting lists, rarest term first; once
 the k-th best partial score beats all that the remaining terms can add (MaxScore), their long, low-weight lists are
@@ -49,7 +50,9 @@ TOKEN_PATTERNS = {
     "words": r"\w\w+",  # words of two or more characters (bm25s' and scikit-learn's default)
     "lucene": r"\w+(?:[.,'’]\w+)*",  # keeps 2,345,002 / 3.5 / u.s / o'neil whole, as Lucene's StandardTokenizer
 }
-PRESETS = {"pyserini": {"k1": 0.9, "b": 0.4, "stemmer": "porter", "stopwords": "en", "tokens": "lucene"}}
+PRESETS = {"pyserini": {"k1": 0.9, "b": 0.4, "stemmer": "porter", "stopwords": "en", "tokens": "lucene",
+                        "lengths": "lucene"}}
+LUCENE_EXACT_LENGTHS = 24  # Lucene's norm byte: lengths below this are exact, above it 4 significant bits
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Bm25Options:
     stemmer: str = "english"  # PyStemmer algorithm (english, porter, ...); "" disables stemming
     stopwords: str = "en"  # "en": Lucene's 33 English stop words; "" disables stopword removal
     tokens: str = "words"  # a key of TOKEN_PATTERNS
+    lengths: str = "exact"  # "lucene": passage lengths rounded down as Lucene stores them in its one-byte norms
     preset: str = ""
 
     def __post_init__(self) -> None:
@@ -73,6 +77,8 @@ class Bm25Options:
             raise ValueError(f"bm25 option stopwords must be 'en' or '', got {self.stopwords!r}")
         if self.tokens not in TOKEN_PATTERNS:
             raise ValueError(f"bm25 option tokens must be one of {', '.join(TOKEN_PATTERNS)}, got {self.tokens!r}")
+        if self.lengths not in ("exact", "lucene"):
+            raise ValueError(f"bm25 option lengths must be 'exact' or 'lucene', got {self.lengths!r}")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown bm25 preset {self.preset!r} (known: {', '.join(PRESETS)})")
 
@@ -333,10 +339,25 @@ class _Run:
         return np.fromfile(f"{self.stem}.{name}", dtype=dtype, count=hi - lo, offset=lo * np.dtype(dtype).itemsize)
 
 
+def lucene_lengths(doc_len: np.ndarray) -> np.ndarray:
+    """Passage lengths as Lucene's BM25 sees them: it stores each in one byte (``SmallFloat.intToByte4``), exact
+    below 24 and, above, 24 plus the excess rounded down to its 4 most significant bits (so 100 reads as 96)."""
+    lengths = np.asarray(doc_len, dtype=np.int64)
+    excess = np.maximum(lengths - LUCENE_EXACT_LENGTHS, 0)
+    bits = np.zeros_like(excess)
+    positive = excess > 0
+    bits[positive] = np.frexp(excess[positive].astype(np.float64))[1]  # bit length of each excess
+    shift = np.maximum(bits - 4, 0)
+    rounded = LUCENE_EXACT_LENGTHS + ((excess >> shift) << shift)
+    return np.where(lengths < LUCENE_EXACT_LENGTHS, lengths, rounded)
+
+
 def _norms(doc_len: np.ndarray, options: Bm25Options) -> np.ndarray:
-    """``k1 * (1 - b + b * len / avglen)`` per passage (float32): the length part of every BM25 weight."""
+    """``k1 * (1 - b + b * len / avglen)`` per passage (float32): the length part of every BM25 weight. The
+    average is of the exact lengths in both modes (Lucene's: total term count / passages)."""
     avg = float(doc_len.mean()) if len(doc_len) and doc_len.mean() > 0 else 1.0
-    return (options.k1 * (1 - options.b + options.b * doc_len.astype(np.float64) / avg)).astype(np.float32)
+    lengths = lucene_lengths(doc_len) if options.lengths == "lucene" else doc_len
+    return (options.k1 * (1 - options.b + options.b * lengths.astype(np.float64) / avg)).astype(np.float32)
 
 
 def _idf(df: np.ndarray, num_docs: int) -> np.ndarray:
