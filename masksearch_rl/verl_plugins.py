@@ -30,6 +30,28 @@ EXTENSIONS = (
     "masksearch_rl.verl_ext.hf_rollout",
 )
 
+
+def _log_level_from_env() -> None:
+    """``MASKSEARCH_LOG_LEVEL=INFO`` (or DEBUG, ...) shows our extensions' log lines in every process that imports
+    verl: Ray workers log only WARNING and above otherwise. On a cluster this is how one sees, per worker and node,
+    e.g. which search backend each agent-loop worker reached (``envs.search_client``)."""
+    import os
+
+    level = os.environ.get("MASKSEARCH_LOG_LEVEL", "").strip().upper()
+    if not level:
+        return
+    for name in ("envs", "reward", "masksearch_rl"):
+        package_logger = logging.getLogger(name)
+        package_logger.setLevel(level)
+        if not package_logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            package_logger.addHandler(handler)
+            package_logger.propagate = False
+
+
+_log_level_from_env()
+
 for _name in EXTENSIONS:
     try:
         importlib.import_module(_name)

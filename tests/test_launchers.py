@@ -66,6 +66,8 @@ def test_slurm_ppo_composes_with_node_and_gpu_counts(nodes):
     lines = dry_run("slurm/ppo.sbatch", "hotpotqa_dapo/qwen2.5-7b_8gpu", "paths.stage1_model=/shared/ramp-7b/hf",
                     NODES=nodes, SLURM_JOB_NUM_NODES=str(count), GPUS_PER_NODE="4",
                     MASKSEARCH_RETRIEVAL_URL="http://10.0.0.5:8000", MASKSEARCH_DATA_DIR="/shared/data")
+    exports = [line for line in lines if line[0] == "export"]
+    lines = [line for line in lines if line[0] != "export"]
     ray_lines, main = lines[:-1], lines[-1]
     # Multi-node: a Ray head on the first node, a worker on each other node; one node: no Ray set-up at all.
     assert len(ray_lines) == (count if count > 1 else 0)
@@ -73,6 +75,11 @@ def test_slurm_ppo_composes_with_node_and_gpu_counts(nodes):
         assert ray_lines[0][:6] == ["srun", "--nodes=1", "--ntasks=1", "-w", "n0", "ray"] and "--head" in ray_lines[0]
         assert [line[4] for line in ray_lines[1:]] == ["n1", "n2", "n3"]
         assert all("--address=n0:6379" in line and "--num-gpus=4" in line for line in ray_lines[1:])
+        # main_ppo joins that cluster: RAY_ADDRESS names the head, and resources come from `ray start`, not ray.init.
+        assert ["export", "RAY_ADDRESS=n0:6379"] in exports
+        assert {"++ray_kwargs.ray_init.num_cpus=null", "++ray_kwargs.ray_init.num_gpus=null"} <= set(main)
+    else:
+        assert exports == []
     assert main[1:3] == ["-m", "verl.trainer.main_ppo"]
     i = main.index("--config-name")
     assert main[main.index("--config-path") + 1] == "pkg://recipes.configs.hotpotqa_dapo"
@@ -99,8 +106,9 @@ def test_slurm_ppo_rejects_bad_input():
 def test_slurm_sft_runs_one_torchrun_per_node_and_composes():
     lines = dry_run("slurm/sft.sbatch", "stage1_ramp/qwen2.5-1.5b_8gpu", "trainer.total_epochs=2",
                     NODES="g0 g1", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="8")
-    srun, torchrun = lines
+    srun, torchrun, torchrun_1 = lines  # the srun line, then what node 0 and node 1 run
     assert srun[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"] and "NODE_RANK=$SLURM_NODEID" in srun[5]
+    assert torchrun_1 == [arg.replace("--node_rank=0", "--node_rank=1") for arg in torchrun]
     assert srun[6].endswith("recipes/launch/sft_torchrun.sh") and srun[7:] == ["stage1_ramp/qwen2.5-1.5b_8gpu",
                                                                               "trainer.total_epochs=2"]
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
@@ -177,3 +185,50 @@ def test_selfevolve_sbatch_spreads_the_teacher_sft_over_the_allocation():
     cfg = compose(Path(torchrun[torchrun.index("--config-path") + 1]), torchrun[i + 1], torchrun[i + 2:])
     assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (2, 4)
     assert cfg.trainer.default_local_dir == "runs/selfevolve/iter_1/teacher_sft"
+
+
+def test_ray_nodes_take_their_own_address_temp_dir_resources_and_ports(tmp_path):
+    """What two nodes on one machine need (tests/test_multiprocess.py starts them for real): each its own node IP,
+    temp dir, logical resources and ports; a worker finding a Ray token joins in token mode."""
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    env = {**os.environ, "RAY": "ray", "DRY_RUN": "1", "N_GPUS": "1", "NUM_CPUS": "8", "RAY_PORT": "7000",
+           "NODE_IP": "127.0.0.2", "RAY_TEMP_DIR": "/tmp/ray-w", "RAY_RESOURCES": '{"w": 1}',
+           "RAY_START_ARGS": "--node-manager-port=7101 --disable-usage-stats", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_AUTH_MODE", None)
+    worker = subprocess.run(["bash", str(LAUNCH / "ray_worker.sh"), "127.0.0.1"], capture_output=True, text=True,
+                            env=env)
+    assert worker.returncode == 0, worker.stderr
+    assert shlex.split(worker.stdout) == [
+        "RAY_AUTH_MODE=token", "ray", "start", "--address=127.0.0.1:7000", "--num-gpus=1", "--num-cpus=8",
+        "--node-ip-address=127.0.0.2", "--temp-dir=/tmp/ray-w", '--resources={"w": 1}', "--node-manager-port=7101",
+        "--disable-usage-stats"]
+    head = subprocess.run(["bash", str(LAUNCH / "ray_head.sh")], capture_output=True, text=True,
+                          env={**env, "DASHBOARD_HOST": "127.0.0.1", "NODE_IP": "127.0.0.1"})
+    assert head.returncode == 0, head.stderr
+    assert shlex.split(head.stdout)[:8] == ["ray", "start", "--head", "--port=7000", "--num-gpus=1",
+                                            "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--num-cpus=8"]
+    down = subprocess.run(["bash", str(LAUNCH / "ray_down.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1"})
+    assert down.returncode == 0 and down.stdout.split() == ["ray", "stop"]  # no temp dir: plain `ray stop`
+    mine = subprocess.run(["bash", str(LAUNCH / "ray_down.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "RAY_TEMP_DIR": str(tmp_path / "no-such-ray")})
+    assert mine.returncode == 0 and "no Ray processes under" in mine.stderr
+
+
+def test_ray_submit_joins_the_cluster_without_local_resource_counts():
+    """The CPU recipes give ray.init logical slots; a driver joining a running cluster must not (Ray refuses)."""
+    [cmd] = dry_run("ray_submit.sh", "quickstart/tiny_cpu", NNODES="2", N_GPUS="1", RAY="ray",
+                    MASKSEARCH_RETRIEVAL_URL="http://10.0.0.5:8000", MASKSEARCH_LOG_LEVEL="INFO",
+                    VERL_PLATFORM="cpu")
+    assert cmd[:3] == ["ray", "job", "submit"]
+    import json
+
+    runtime_env = json.loads(next(a for a in cmd if a.startswith("--runtime-env-json=")).split("=", 1)[1])
+    assert runtime_env["env_vars"]["MASKSEARCH_LOG_LEVEL"] == "INFO"
+    assert runtime_env["env_vars"]["VERL_PLATFORM"] == "cpu"
+    main = cmd[cmd.index("--") + 1:]
+    i = main.index("--config-name")
+    cfg = compose(REPO / "recipes" / "configs" / "quickstart", main[i + 1], main[i + 2:])
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (2, 1)
+    assert cfg.ray_kwargs.ray_init.num_cpus is None and cfg.ray_kwargs.ray_init.num_gpus is None

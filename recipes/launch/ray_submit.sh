@@ -21,8 +21,13 @@
 #   PYTHON                    interpreter on the head node; default python3
 #   RAY                       the ray CLI; default: ray
 #   DRY_RUN=1                 print the command instead of submitting it
-# Forwarded to the job when set: WANDB_MODE WANDB_ENTITY WANDB_DIR HF_HOME HF_HUB_OFFLINE. Secrets (WANDB_API_KEY)
+# Forwarded to the job when set: WANDB_MODE WANDB_ENTITY WANDB_DIR WANDB_PROJECT HF_HOME HF_HUB_OFFLINE VERL_PLATFORM
+# MASKSEARCH_LOG_LEVEL (INFO: each agent-loop worker logs the search backend it reached). Secrets (WANDB_API_KEY)
 # are not: put them in the nodes' environment before `ray start`, or run `wandb login` on the head node.
+# Resources come from the cluster (`ray start --num-gpus/--num-cpus` on each node): a recipe's
+# ray_kwargs.ray_init.num_cpus/num_gpus (the CPU recipes' logical slots) are set to null here, because Ray refuses
+# them when the driver joins a running cluster. With a Ray token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+# ~/.ray/auth_token) and RAY_AUTH_MODE unset, RAY_AUTH_MODE=token is set, as a token-mode head requires.
 set -euo pipefail
 
 usage() {
@@ -62,7 +67,8 @@ fi
 # Job environment: only variables verl does not set itself (Ray refuses to merge duplicate env var keys).
 runtime_env=$("$python_bin" - <<'EOF'
 import json, os
-names = ["WANDB_MODE", "WANDB_ENTITY", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE"]
+names = ["WANDB_MODE", "WANDB_ENTITY", "WANDB_DIR", "WANDB_PROJECT", "HF_HOME", "HF_HUB_OFFLINE",
+         "VERL_PLATFORM", "MASKSEARCH_LOG_LEVEL"]
 env_vars = {"PYTHONUNBUFFERED": "1", **{n: os.environ[n] for n in names if os.environ.get(n)}}
 print(json.dumps({"env_vars": env_vars}))
 EOF
@@ -73,8 +79,13 @@ cmd=("$ray_bin" job submit --address="$address" --runtime-env-json="$runtime_env
     --config-path "pkg://recipes.configs.$group" --config-name "$name"
     "trainer.nnodes=$nnodes" "trainer.n_gpus_per_node=$n_gpus"
     "paths.data_dir=$data_dir" "paths.ckpt_dir=$ckpt_dir" "search_env.backend.url=$url"
+    "++ray_kwargs.ray_init.num_cpus=null" "++ray_kwargs.ray_init.num_gpus=null"
     ${VAL_MAX_SAMPLES:+"data.val_max_samples=$VAL_MAX_SAMPLES"}
     "$@")
+
+if [[ -z ${RAY_AUTH_MODE:-} ]] && [[ -n ${RAY_AUTH_TOKEN:-} || -s ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} ]]; then
+    export RAY_AUTH_MODE=token
+fi
 
 if [[ -n ${DRY_RUN:-} ]]; then
     printf '%q ' "${cmd[@]}"
