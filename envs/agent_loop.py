@@ -21,7 +21,8 @@ and the trainer, so nothing is ever re-tokenised.
 
 Limits:
 - ``search_env.max_turns``: at most this many ``<search>`` requests are answered (errors included); the next one gets
-  a "limit reached, answer now" message and one more turn; a search after that ends the rollout.
+  a "limit reached, answer now" message and one more turn; a search after that ends the rollout -- the one episode
+  rule every driver follows (:class:`envs.episode.EpisodeRules`).
 - ``rollout.response_length``: each generate call asks for at most what is left (``max_tokens``), an information
   block is built to fit what is left (or left out, ending the rollout, when not even its tags fit), and the response
   is truncated to the budget whatever the engine returns.
@@ -68,9 +69,9 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutp
 from verl.experimental.agent_loop.tool_agent_loop import SPEC_DECODE_EXTRA_KEYS
 from verl.utils.rollout_trace import rollout_trace_op
 
+from envs import episode as episode_rules
+from envs.episode import EpisodeRules
 from envs.prompts import (
-    ANSWER_CLOSE,
-    SEARCH_LIMIT_REACHED,
     STOP_STRINGS,
     TAG_AGENT_NAME,
     information_block,
@@ -196,6 +197,7 @@ class MaskSearchAgentLoop(AgentLoopBase):
         exclusion = row_exclusion(tool_kwargs.get("create_kwargs"))
         request_id = uuid4().hex  # one id for all turns: sticky routing, prefix-cache reuse
         traj = _Trajectory()
+        rules = EpisodeRules(self.env.max_turns)
         stats = {"model_turns": 0, "env_turns": 0, "search_count": 0, "search_calls": 0, "search_errors": 0,
                  "search_limit_hits": 0, "info_tokens": 0}
         timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
@@ -221,10 +223,11 @@ class MaskSearchAgentLoop(AgentLoopBase):
                 keep, stop_tag = budget, None
             turn_ids = list(output.token_ids[:keep])
             traj.add_policy(turn_ids, output.log_probs[:keep] if output.log_probs is not None else None)
-            if stop_tag == ANSWER_CLOSE:
+            move = rules.next_move(stop_tag)
+            if move == episode_rules.ANSWER:
                 finish = "answer"
                 break
-            if stop_tag is None:  # out of budget, or ended without a tag (EOS, or nothing at all)
+            if move == episode_rules.END:  # out of budget, or ended without a tag (EOS, or nothing at all)
                 finish = "length" if keep == budget else ("eos" if turn_ids else "empty")
                 break
             if keep == budget:
@@ -232,14 +235,13 @@ class MaskSearchAgentLoop(AgentLoopBase):
 
             stats["search_count"] += 1
             room = self.response_length - len(traj.ids)
-            past_limit = stats["search_count"] - self.env.max_turns
-            if past_limit > 1:  # a search after the limit notice: no reply
+            if move == episode_rules.SEARCH_LIMIT:  # a search after the limit notice: no reply
                 stats["search_limit_hits"] += 1
                 finish = "search_limit"
                 break
-            if past_limit == 1:
+            if move == episode_rules.LIMIT_NOTICE:
                 stats["search_limit_hits"] += 1
-                text = SEARCH_LIMIT_REACHED.format(limit=self.env.max_turns)
+                text = rules.limit_notice
             else:
                 # The results are first cut to what is left after the block's tags; _information_ids makes it exact.
                 query = parse_query(self.tokenizer.decode(turn_ids))

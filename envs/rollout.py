@@ -28,8 +28,9 @@ How a transcript is shown to the model (``ChatPolicy.mode``):
   SFT-trained teacher sees the layout it was trained on.
 * :class:`CompletionPolicy` renders the chat template locally and continues the raw text (any completions server).
 
-Limits mirror the RL loop: at most ``max_turns`` searches are answered; the next search gets the "limit reached,
-answer now" message and one more turn; a search after that ends the episode (``finish="search_limit"``).
+Limits are the RL loop's, from one rule (:class:`envs.episode.EpisodeRules`): at most ``max_turns`` searches are
+answered; the next search gets the "limit reached, answer now" message and one more turn; a search after that ends
+the episode (``finish="search_limit"``).
 ``max_new_tokens`` bounds each generate call.
 """
 
@@ -40,11 +41,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from envs import episode as episode_rules
+from envs.episode import EpisodeRules
 from envs.prompts import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
     SEARCH_CLOSE,
-    SEARCH_LIMIT_REACHED,
     SEARCH_OPEN,
     STOP_STRINGS,
     find_stop,
@@ -322,12 +324,10 @@ async def run_episode(
     row's ``exclude`` does). Never raises for model or search failures; see :class:`Episode`.
     """
 
-    if max_turns < 0:
-        raise ValueError(f"max_turns must be >= 0, got {max_turns}")
-    max_calls = max_turns + 2 if max_policy_calls is None else max_policy_calls
+    rules = EpisodeRules(max_turns)  # raises for a negative limit
+    max_calls = rules.max_policy_turns if max_policy_calls is None else max_policy_calls
     episode = Episode(prompt=[dict(m) for m in messages])
     started = time.perf_counter()
-    searches = 0
     try:
         while True:
             if episode.policy_calls >= max_calls:
@@ -347,20 +347,20 @@ async def run_episode(
             text, tag = close_turn(reply)
             turn = Turn(text=text, finish_reason=reply.finish_reason)
             episode.turns.append(turn)
-            if tag == ANSWER_CLOSE:
+            move = rules.next_move(tag)
+            if move == episode_rules.ANSWER:
                 episode.answer = answer_of(text)
                 episode.finish = FINISH_ANSWER
                 break
-            if tag is None:
+            if move == episode_rules.END:
                 episode.finish = FINISH_LENGTH if reply.finish_reason == "length" else FINISH_NO_TAG
                 break
-            searches += 1
             turn.query = parse_query(text)
-            if searches == max_turns + 1:
-                turn.information = SEARCH_LIMIT_REACHED.format(limit=max_turns)
+            if move == episode_rules.LIMIT_NOTICE:
+                turn.information = rules.limit_notice
                 turn.search_error = LIMIT_REACHED
                 continue
-            if searches > max_turns:
+            if move == episode_rules.SEARCH_LIMIT:
                 turn.search_error = AFTER_LIMIT_NOTICE
                 episode.finish = FINISH_SEARCH_LIMIT
                 break

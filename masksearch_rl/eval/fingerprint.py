@@ -16,13 +16,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from masksearch_rl.jsonl import atomic_path
 from masksearch_rl.tracking import flatten
-
-if TYPE_CHECKING:
-    from masksearch_rl.eval.runner import EvalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +28,20 @@ FINGERPRINT_FILE = "run_config.json"
 TRANSPORT_KEYS = frozenset({"timeout_s", "max_retries", "concurrency", "api_key_env", "cache_dir", "search_timeout_s"})
 
 
+class FingerprintedRun(Protocol):
+    """What a fingerprint reads of a run's config (``eval.runner.EvalConfig`` has it; this module needs no runner)."""
+
+    policy: Any
+    max_turns: int
+    search: Mapping[str, Any]
+    judge: Mapping[str, Any] | None
+
+
 class ConfigMismatch(ValueError):
     """The output directory's predictions were made with other settings."""
 
 
-def fingerprint(config: EvalConfig) -> dict[str, Any]:
+def fingerprint(config: FingerprintedRun) -> dict[str, Any]:
     """Flat ``{"policy.llm.model": ..., "max_turns": ..., "search.topk": ..., "judge.model": ...}`` of a run's
     config, with defaults filled in (spelling a default out is no change) and a local model as its absolute path."""
     from envs.search_client import SearchSettings

@@ -94,7 +94,6 @@ def run_sft_warmup(
     ``overrides`` are extra hydra overrides for the recipe (e.g. ``["optim.lr=1e-3"]``). Raises ``RuntimeError``
     naming the log on failure.
     """
-    from masksearch_rl.sft.train import final_hf_model_dir
 
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     final = out_dir / "model"
@@ -110,10 +109,41 @@ def run_sft_warmup(
     data_dir = out_dir / "data"
     if not (data_dir / "summary.json").is_file():
         write_oracle_sft(ramp_items, index_dir, data_dir, oracle)
+    return run_sft(data_dir, model_dir, out_dir, steps, [f"trainer.seed={oracle.seed}", *LAYOUTS[layout], *overrides],
+                   device=device, timeout_s=timeout_s, meta={"seed": oracle.seed, "layout": layout})
+
+
+# Extra overrides per SFT backend of masksearch_rl.sft.train: verl's SFT trainer (FSDP2), or the HF Trainer runner
+# without DeepSpeed -- much faster for a tiny model on a CPU, where verl's engine spends its time on per-op overhead.
+BACKENDS = {
+    "fsdp": (),
+    "hf": ("sft_backend=deepspeed", "masksearch_sft.deepspeed_config=null", "masksearch_sft.bf16=false"),
+}
+
+
+def run_sft(
+    data_dir: Path, model_dir: Path, out_dir: Path, steps: int, overrides: Sequence[str] = (), *,
+    backend: str = "fsdp", device: str = "cpu", timeout_s: float | None = None, meta: dict[str, Any] | None = None,
+) -> Path:
+    """Train ``model_dir`` on ``data_dir/{train,val}.parquet`` through ``masksearch_rl.sft.train`` (the quickstart
+    recipe plus ``overrides``; ``backend``: :data:`BACKENDS`) for ``steps`` steps; the model lands at
+    ``out_dir/model`` (kept when already complete).
+
+    The trainer's checkpoints under ``out_dir/checkpoints`` make a killed run resume; its output goes to
+    ``out_dir/train.log``. Raises ``RuntimeError`` naming the log on failure.
+    """
+    from masksearch_rl.sft.train import FINAL_MODEL_LINK, final_hf_model_dir
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    out_dir, model_dir, data_dir = Path(out_dir), Path(model_dir), Path(data_dir)
+    final = out_dir / "model"
+    if (final / DONE_FILE).is_file():
+        return final
+    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = out_dir / "checkpoints"
     command = trainer_command(data_dir.resolve(), data_dir.resolve(), model_dir.resolve(), checkpoint_dir.resolve(),
-                              (out_dir / "hydra").resolve(), steps,
-                              [f"trainer.seed={oracle.seed}", *LAYOUTS[layout], *overrides])
+                              (out_dir / "hydra").resolve(), steps, [*BACKENDS[backend], *overrides])
     env = dict(os.environ)
     if device == "cpu":
         env["VERL_PLATFORM"] = "cpu"
@@ -126,14 +156,20 @@ def run_sft_warmup(
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
                                     cwd=str(out_dir))
         except subprocess.TimeoutExpired as err:
-            raise RuntimeError(f"SFT warm-up ran past {timeout_s:g} s; see {log_path}") from err
+            raise RuntimeError(f"SFT ran past {timeout_s:g} s; see {log_path}") from err
     if result.returncode != 0:
-        raise RuntimeError(f"SFT warm-up failed (exit {result.returncode}); see {log_path}:\n{_tail(log_path)}")
-    hf_dir = final_hf_model_dir(checkpoint_dir)
-    if hf_dir is None or hf_dir.parent.name != f"global_step_{steps}":
-        raise RuntimeError(f"SFT warm-up finished but wrote no HF model for step {steps} under {checkpoint_dir}; "
+        raise RuntimeError(f"SFT failed (exit {result.returncode}); see {log_path}:\n{_tail(log_path)}")
+    if backend == "fsdp":
+        hf_dir = final_hf_model_dir(checkpoint_dir)
+        if hf_dir is None or hf_dir.parent.name != f"global_step_{steps}":
+            hf_dir = None
+    else:  # the HF runner writes the model there itself when training ends
+        hf_dir = checkpoint_dir / FINAL_MODEL_LINK
+        hf_dir = hf_dir if (hf_dir / "config.json").is_file() else None
+    if hf_dir is None:
+        raise RuntimeError(f"SFT finished but wrote no HF model for step {steps} under {checkpoint_dir}; "
                            f"see {log_path}")
-    export_hf_model(hf_dir, final, {"steps": steps, "seed": oracle.seed, "layout": layout, "source": str(hf_dir),
+    export_hf_model(hf_dir, final, {"steps": steps, "backend": backend, **(meta or {}), "source": str(hf_dir),
                                     "base_model": str(model_dir), "train_s": round(time.perf_counter() - started, 1)})
     return final
 
@@ -202,74 +238,44 @@ class ProbeConfig:
 def probe_format(
     model_dir: Path, items: list[dict[str, Any]], index_dir: Path, config: ProbeConfig = ProbeConfig()
 ) -> dict[str, Any]:
-    """Greedy RL-style rollouts of ``model_dir`` on ``items``; returns the well-formed share and examples.
+    """RL-style episodes of ``model_dir`` on ``items``; returns the well-formed share and examples.
 
-    Each rollout: the RAMP prompt with the generation prompt; the model writes until ``</search>``, ``</answer>``
-    or EOS; a search is answered from the real index with the environment's own formatting
-    (``information_block(results_text(hits))``) appended as raw tokens; repeat. The decoded
-    response (special tokens kept, as verl decodes it) is scored with ``reward.format.check_format``.
+    Each item is one episode of :func:`envs.rollout.run_episode` -- the episode rule RL follows
+    (:class:`envs.episode.EpisodeRules`) -- with the local model as the policy (:class:`masksearch_rl.eval.hf_policy.HFPolicy`,
+    in ``config.layout``) and searches answered from the real index with the environment's own formatting. The
+    response, cut to ``response_length`` tokens as the RL loop cuts it, is scored with ``reward.format.check_format``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import asyncio
 
-    from envs.prompts import (
-        RAMP_INSTRUCTION,
-        SEARCH_CLOSE,
-        STOP_STRINGS,
-        information_block,
-        parse_query,
-        ramp_messages,
-        tokens_through_stop,
-    )
-    from envs.search_client import results_text
+    import torch
+
+    from envs.prompts import RAMP_INSTRUCTION, ramp_messages
+    from envs.rollout import make_search_env, run_episode
+    from masksearch_rl.eval.hf_policy import HFPolicy
     from masksearch_rl.ramp.source import source_exclusion
-    from masksearch_rl.retrieval.exclusion import search_hiding
-    from masksearch_rl.retrieval.index import load_index
     from reward.format import check_format
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    retriever = load_index(index_dir)
     torch.manual_seed(config.seed)
-    sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0} \
-        if config.temperature > 0 else {"do_sample": False}
+    policy = HFPolicy(str(model_dir), temperature=config.temperature, layout=config.layout, max_batch=1)
+    search = make_search_env({"backend": {"type": "local", "index_dir": str(index_dir)}, "topk": config.topk,
+                              "max_info_tokens": config.max_info_tokens}, tokenizer=policy.tokenizer)
+
+    async def episodes() -> list[Any]:
+        try:
+            done = []
+            for item in items[: config.num_prompts]:  # one at a time: seeded sampling stays reproducible
+                messages = ramp_messages(item["query"], instruction=item.get("instruction") or RAMP_INSTRUCTION)
+                exclusion = source_exclusion(item) if config.hide_source else None
+                done.append(await run_episode(policy, search, messages, max_turns=config.max_searches,
+                                              max_new_tokens=config.max_turn_tokens, exclusion=exclusion))
+            return done
+        finally:
+            await policy.aclose()
+
     results = []
-    for item in items[: config.num_prompts]:
-        exclusion = source_exclusion(item) if config.hide_source else None
-        messages = ramp_messages(item["query"], instruction=item.get("instruction") or RAMP_INSTRUCTION)
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-        response_ids: list[int] = []  # as the RL loop builds it: policy tokens and raw information blocks
-        context_ids = list(prompt_ids)  # what the model is conditioned on (differs from it in "turns" layout)
-        turns: list[dict[str, str]] = []
-        searches = 0
-        while len(response_ids) < config.response_length:
-            budget = min(config.max_turn_tokens, config.response_length - len(response_ids))
-            with torch.no_grad():
-                out = model.generate(torch.tensor([context_ids]), max_new_tokens=budget, **sampling,
-                                     stop_strings=STOP_STRINGS, tokenizer=tokenizer,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new_ids = out[0, len(context_ids):].tolist()
-            keep, stop = tokens_through_stop(new_ids, tokenizer)
-            response_ids += new_ids[:keep]
-            context_ids += new_ids[:keep]
-            if stop != SEARCH_CLOSE or searches >= config.max_searches:
-                break
-            searches += 1
-            turn_text = tokenizer.decode(new_ids[:keep])
-            query = parse_query(turn_text)
-            hits = search_hiding(retriever.search, [query], config.topk, exclusion)[0] if query else []
-            block = information_block(results_text(hits, config.max_info_tokens, tokenizer))
-            block_ids = tokenizer.encode(block, add_special_tokens=False)
-            response_ids += block_ids
-            if config.layout == "continue":
-                context_ids += block_ids
-            else:
-                turns += [{"role": "assistant", "content": turn_text.strip()},
-                          {"role": "tool", "content": block.strip()}]
-                context_ids = tokenizer.apply_chat_template(messages + turns, add_generation_prompt=True,
-                                                            tokenize=True, return_dict=True)["input_ids"]
-        response = tokenizer.decode(response_ids[: config.response_length])
+    for item, episode in zip(items, asyncio.run(episodes())):
+        ids = policy.tokenizer.encode(episode.raw, add_special_tokens=False)[: config.response_length]
+        response = policy.tokenizer.decode(ids)
         result = check_format(response, num_masks=int(item["num_masks"]))
         results.append({"id": item["id"], "ok": result.ok, "reason": result.reason.label,
                         "num_searches": result.num_searches, "answer": result.answer, "response": response[:600]})

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any, Generator, Optional
 
 import ray
 import torch
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+from masksearch_rl.hf_generation import BatchedGenerator, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -41,47 +41,12 @@ def server_actor_name(replica_rank: int, name_suffix: str = "") -> str:
     return f"{_SERVER_PREFIX}{replica_rank}{name_suffix}"
 
 
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    max_tokens: int
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(frozen=True)
-class _SamplingKey:
-    """Requests batch together only when they sample alike (``max_tokens`` may differ: each is cut to its own)."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    stop: tuple[str, ...]
-    logprobs: bool
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "_SamplingKey":
-        top_k = params.get("top_k")
-        stop = params.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        return cls(
-            temperature=float(params.get("temperature", 1.0) or 0.0),
-            top_p=float(params.get("top_p", 1.0) or 1.0),
-            top_k=int(top_k) if top_k is not None and int(top_k) > 0 else 0,
-            repetition_penalty=float(params.get("repetition_penalty", 1.0) or 1.0),
-            stop=tuple(stop),
-            logprobs=bool(params.get("logprobs")),
-        )
-
-
 class HFGenerationServer:
     """Token-in/token-out generation with an HF causal LM; one per rollout replica (a Ray actor).
 
-    Requests arrive concurrently from many agent loops. A single worker task takes what is queued (up to
-    ``max_num_seqs``), groups it by sampling settings and runs one left-padded ``generate`` per group, so a batch of
-    agent turns costs one forward pass per token instead of one per request.
+    Requests arrive concurrently from many agent loops; :class:`masksearch_rl.hf_generation.BatchedGenerator` (the
+    project's one batched HF generation) serves them in batches of up to ``max_num_seqs``, grouped by sampling
+    settings, so a batch of agent turns costs one forward pass per token instead of one per request.
     """
 
     def __init__(self, config: Any, model_config: Any, replica_rank: int, device: str, batch_wait_s: float = 0.005):
@@ -98,11 +63,7 @@ class HFGenerationServer:
         self.global_steps: Optional[int] = None
         self.model = None
         self.tokenizer = None
-        self._queues: dict[_SamplingKey, list[_Request]] = {}
-        self._wakeup: Optional[asyncio.Event] = None
-        self._worker: Optional[asyncio.Task] = None
-        self._paused = False
-        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "generate_s": 0.0}
+        self.generator: Optional[BatchedGenerator] = None
 
     # ---------------------------------------------------------------- lifecycle
     async def launch_server(self) -> None:
@@ -112,15 +73,11 @@ class HFGenerationServer:
         path = self.model_config.local_path
         trust = bool(getattr(self.model_config, "trust_remote_code", False))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"
         dtype = _torch_dtype(getattr(self.config, "dtype", "bfloat16"), self.device)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust)
         self.model.to(self.device).eval()
-        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
-        self._wakeup = asyncio.Event()
-        self._worker = asyncio.create_task(self._serve())
+        self.generator = BatchedGenerator(self.model, self.tokenizer, self.device,
+                                          max_batch=int(self.config.max_num_seqs or 64), batch_wait_s=self.batch_wait_s)
         logger.info("HF rollout server %d ready on %s (%s, %s)", self.replica_rank, self.device, path, dtype)
 
     def get_server_address(self) -> str:
@@ -143,8 +100,13 @@ class HFGenerationServer:
             self.global_steps = global_steps
         return loaded
 
+    @property
+    def stats(self) -> dict[str, float]:
+        """Requests, batches, generated tokens and generate seconds so far."""
+        return self.generator.stats if self.generator is not None else {}
+
     async def stats_snapshot(self) -> dict[str, float]:
-        return dict(self.stats)
+        return dict(self.generator.stats) if self.generator is not None else {}
 
     # Replica control calls verl makes on every backend. Weights and the (per-call) KV cache live with this actor
     # for its whole life, so sleeping frees nothing; pausing is honoured by holding new batches.
@@ -164,16 +126,15 @@ class HFGenerationServer:
         return None
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
-        self._paused = True
+        self.generator.pause()
         return {"aborted_count": 0, "request_ids": []}
 
     async def abort_request(self, request_id: str, reset_prefix_cache: bool = True) -> dict:
         return {"aborted": False, "request_id": request_id}
 
     async def resume_generation(self) -> None:
-        self._paused = False
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if self.generator is not None:
+            self.generator.resume()
 
     async def start_profile(self, **kwargs: Any) -> None:
         return None
@@ -185,8 +146,8 @@ class HFGenerationServer:
         self.global_steps = global_steps
 
     async def wait_for_requests_to_drain(self) -> None:
-        while any(self._queues.values()):
-            await asyncio.sleep(0.01)
+        if self.generator is not None:
+            await self.generator.drain()
 
     # ---------------------------------------------------------------- generation
     async def generate(
@@ -207,115 +168,9 @@ class HFGenerationServer:
                 f"HF rollout: prompt of {len(prompt_ids)} tokens leaves no room within max_model_len {self.max_model_len}"
             )
         max_tokens = min(int(sampling_params.get("max_tokens") or self.config.response_length), room)
-        key = _SamplingKey.from_params(sampling_params)
-        future = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append(_Request(prompt_ids, max_tokens, future))
-        self.stats["requests"] += 1
-        self._wakeup.set()
-        return await future
-
-    async def _serve(self) -> None:
-        """Take queued requests in batches, forever; a failure fails that batch's requests only."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            await asyncio.sleep(self.batch_wait_s)  # let concurrent agent turns join the batch
-            while not self._paused and any(self._queues.values()):
-                key = max(self._queues, key=lambda k: len(self._queues[k]))
-                queue = self._queues[key]
-                limit = max(1, int(self.config.max_num_seqs or 64))
-                batch, self._queues[key] = queue[:limit], queue[limit:]
-                try:
-                    outputs = await asyncio.to_thread(self._generate_batch, key, batch)
-                except Exception as err:  # noqa: BLE001 - every waiting request gets the error
-                    logger.exception("HF rollout batch failed")
-                    for request in batch:
-                        if not request.future.done():
-                            request.future.set_exception(err)
-                    continue
-                for request, output in zip(batch, outputs):
-                    if not request.future.done():
-                        request.future.set_result(output)
-
-    @torch.no_grad()
-    def _generate_batch(self, key: _SamplingKey, batch: list[_Request]) -> list[TokenOutput]:
-        started = time.perf_counter()
-        pad_id = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):
-            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention[row, width - len(request.prompt_ids) :] = 1
-        greedy = key.temperature <= 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max(r.max_tokens for r in batch),
-            do_sample=not greedy,
-            pad_token_id=pad_id,
-            eos_token_id=self.eos_token_ids,
-            return_dict_in_generate=True,
-            output_logits=key.logprobs,
-            repetition_penalty=key.repetition_penalty,
-        )
-        if not greedy:
-            kwargs.update(temperature=key.temperature, top_p=key.top_p, top_k=key.top_k)
-        if key.stop:
-            # transformers matches stop strings on the decoded text including the prompt's tail (vLLM only looks at
-            # the output); our stop tags never straddle a prompt's end (prompts end with a newline), so it is moot.
-            kwargs.update(stop_strings=list(key.stop), tokenizer=self.tokenizer)
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
-        )
-        new_tokens = out.sequences[:, width:].cpu()
-        logprobs = None
-        if key.logprobs:
-            # Log-probabilities of the sampled tokens under the policy at the sampling temperature: the quantity the
-            # trainer recomputes as old_log_prob (logits / temperature), not the top-p/top-k-warped distribution.
-            logits = torch.stack(out.logits, dim=1).float()
-            if not greedy:
-                logits = logits / key.temperature
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.to(logits.device)[..., None])
-            logprobs = logprobs[..., 0].cpu()
-        outputs = []
-        eos = set(self.eos_token_ids)
-        for row, request in enumerate(batch):
-            tokens = new_tokens[row].tolist()
-            length = _finished_length(tokens, eos, pad_id, stopped_by_criteria=bool(key.stop))
-            length = min(length, request.max_tokens)
-            ids = tokens[:length]
-            outputs.append(
-                TokenOutput(
-                    token_ids=ids,
-                    log_probs=logprobs[row, :length].tolist() if logprobs is not None else None,
-                    stop_reason="completed",
-                    extra_fields={"global_steps": self.global_steps},
-                )
-            )
-            self.stats["generated_tokens"] += length
-        self.stats["batches"] += 1
-        self.stats["generate_s"] += time.perf_counter() - started
-        return outputs
-
-
-def _finished_length(tokens: list[int], eos: set[int], pad_id: int, stopped_by_criteria: bool) -> int:
-    """How many generated tokens belong to the sequence: through its EOS, or up to the padding generate appends
-    once a row has finished (by a stop string) while other rows go on."""
-    for i, token in enumerate(tokens):
-        if token in eos:
-            return i + 1
-    end = len(tokens)
-    if stopped_by_criteria or pad_id is not None:
-        while end > 0 and tokens[end - 1] == pad_id:
-            end -= 1
-    return end
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+        out = await self.generator.generate(prompt_ids, Sampling.from_params(sampling_params), max_tokens)
+        return TokenOutput(token_ids=out.token_ids, log_probs=out.log_probs, stop_reason="completed",
+                           extra_fields={"global_steps": self.global_steps})
 
 
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
