@@ -3,7 +3,9 @@
 It reproduces the serving architecture of Search-R1's ``retrieval_server.py`` (read, not copied): a synchronous
 FastAPI endpoint (run in Starlette's thread pool) that answers a request by looping over its queries and searching
 them one at a time. Search-R1's BM25 is pyserini (Lucene, per query); with no JVM here the stand-in is the plain
-per-query path of bm25s (numpy backend) over the very same index files, docstore and response shape.
+per-query path of bm25s (numpy backend) over the same passages (a bm25s index built once into ``<index>/bm25-standin``,
+since our index keeps no bm25s files), the same docstore and response shape. It is a STAND-IN, far slower than
+Search-R1's real server: ``benchmarks/searchr1_real.py`` runs that one.
 
 ``--engine ours`` swaps in our retriever while keeping the per-query loop: the ablation that separates what the
 faster kernel gives from what micro-batching gives.
@@ -61,8 +63,15 @@ class NaiveBm25:
         options = json.loads((Path(index_dir) / "manifest.json").read_text())["options"]["bm25"]
         self.stopwords = options["stopwords"] or None
         self.stemmer = Stemmer.Stemmer(options["stemmer"]) if options["stemmer"] else None
-        self.bm25 = bm25s.BM25.load(Path(index_dir) / "bm25", mmap=True, backend="numpy")
         self.docstore = DocStore(index_dir)
+        saved = Path(index_dir) / "bm25-standin"
+        if not (saved / "params.index.json").exists():  # our index keeps no bm25s files: build them once, beside it
+            tokens = bm25s.tokenize([doc["contents"] for doc in self.docstore], stopwords=self.stopwords,
+                                    stemmer=self.stemmer, show_progress=False)
+            model = bm25s.BM25(k1=options["k1"], b=options["b"])
+            model.index(tokens, show_progress=False)
+            model.save(saved)
+        self.bm25 = bm25s.BM25.load(saved, mmap=True, backend="numpy")
 
     def __len__(self) -> int:
         return len(self.docstore)
