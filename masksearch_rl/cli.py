@@ -15,6 +15,7 @@ import typer
 from masksearch_rl.corpus import cli as corpus_cli
 from masksearch_rl.cot import cli as cot_cli
 from masksearch_rl.eval import cli as eval_cli
+from masksearch_rl.lab import cli as lab_cli
 from masksearch_rl.ramp import cli as ramp_cli
 from masksearch_rl.retrieval import cli as retrieval_cli
 from masksearch_rl.retrieval import serve_cli
@@ -40,7 +41,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-for _module in (corpus_cli, synthetic_cli, retrieval_cli, serve_cli, ramp_cli, cot_cli, sft_cli, selfevolve_cli, eval_cli):
+for _module in (corpus_cli, synthetic_cli, retrieval_cli, serve_cli, ramp_cli, cot_cli, sft_cli, selfevolve_cli, eval_cli,
+                lab_cli):
     _module.register(app)
 
 

@@ -18,8 +18,9 @@ Unlike ``naive`` it builds a new dict instead of updating the row's in place: ro
 dict object, and samples are scored concurrently, so an in-place update could hand one rollout another's counts.
 
 It also adds the rollout's counts to ``reward_extra_info`` (``ROLLOUT_METRICS``, always present, 0 when a rollout
-does not report one), so they are logged and dumped next to the reward's own keys (score, acc, format, recall,
-judge, judge_fallback, num_searches ...).
+does not report one) and its length in tokens (``rollout_response_tokens``: policy and information tokens, what
+``max_response_length`` bounds), so they are logged and dumped next to the reward's own keys (score, acc, format,
+recall, judge, judge_fallback, num_searches ...) -- for validation too, where verl logs no response length.
 
 Select it with::
 
@@ -49,6 +50,9 @@ ROLLOUT_METRICS: dict[str, str] = {
     "rollout_search_errors": "search_errors",
     "rollout_search_limit_hits": "search_limit_hits",
 }
+
+
+RESPONSE_TOKENS = "rollout_response_tokens"
 
 
 def merged_extra_info(non_tensor: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,4 +94,7 @@ class MaskSearchRewardManager(DAPORewardManager):
         last.non_tensor_batch["extra_info"] = np.array([extra_info], dtype=object)
         result = await super().run_single(last)
         result["reward_extra_info"].update(rollout_metrics(extra_info))
+        response_length = last.batch["responses"].shape[-1]  # valid tokens, as the dapo manager counts them
+        valid = last.batch["attention_mask"][0, -response_length:].sum()
+        result["reward_extra_info"][RESPONSE_TOKENS] = float(valid)
         return result

@@ -152,7 +152,7 @@ def _fields(searches: int, errors: int = 0) -> dict:
 
 
 ROLLOUT_KEYS = {"rollout_turns", "rollout_searches", "rollout_search_calls", "rollout_search_errors",
-                "rollout_search_limit_hits"}
+                "rollout_search_limit_hits", "rollout_response_tokens"}
 
 
 # ------------------------------------------------------------------------------------------------- registration
@@ -278,6 +278,9 @@ async def test_rollout_counts_are_in_every_sample(tokenizer_dir):
     assert stacked["rollout_turns"].tolist() == [6.0, 1.0, 3.0]
     assert stacked["rollout_searches"].tolist() == [2.0, 0.0, 1.0]
     assert stacked["rollout_search_errors"].tolist() == [1.0, 0.0, 0.0]  # a non-numeric value counts as absent
+    # the response's own tokens (padding not counted), what verl logs as response_length for training batches
+    lengths = [len(ours.input_tokenizer.encode(row["response"], add_special_tokens=False)) for row in rows]
+    assert stacked["rollout_response_tokens"].tolist() == [float(n) for n in lengths]
     assert all(array.dtype.kind == "f" for array in stacked.values())
     # our real reward scored the text: num_searches is read from the response, the rollout's count from the loop
     assert [info["num_searches"] for info in infos] == [1, 0, 1]

@@ -93,6 +93,39 @@ def test_oracle_is_deterministic_and_title_first(world, tmp_path):
     assert candidate_queries(item, 3)[0] == item["title"]
 
 
+def test_opening_query_is_copyable_and_finds_the_source(world):
+    """The lab's oracle query: the masked text's first words, masks left out -- text the policy can copy from its
+    prompt; with one passage shown it retrieves the item's own passage."""
+    from masksearch_rl.retrieval.index import load_index
+    from masksearch_rl.sft.oracle import opening_query, oracle_trajectories
+
+    assert opening_query("[mask] was founded in [mask] by Ada Lovelace in the north", 5) == "was founded in by Ada"
+    config = OracleConfig(topk=1, max_info_tokens=256, max_searches=1, wording="fixed", queries=("opening",),
+                          opening_words=10, tokenizer=str(world["model"]))
+    records = oracle_trajectories(world["items"], load_index(world["root"] / "index"), config)
+    for record, item in zip(records, world["items"]):
+        assert record["queries"][0] == opening_query(item["query"], 10)
+    assert sum(r["found"] for r in records) / len(records) > 0.8
+
+
+def test_qa_oracle_searches_the_question_and_keeps_what_shows_the_answer(world):
+    from masksearch_rl.jsonl import read_jsonl
+    from masksearch_rl.retrieval.index import load_index
+    from masksearch_rl.sft.oracle import qa_oracle_trajectories
+
+    questions = read_jsonl(world["root"] / "world" / "questions.jsonl")
+    config = OracleConfig(topk=1, max_info_tokens=256, max_searches=1, wording="fixed")
+    records = qa_oracle_trajectories(questions, load_index(world["root"] / "index"), config, strategy="question")
+    assert len(records) == len(questions)
+    for record, question in zip(records, questions):
+        info = " ".join(m["content"] for m in record["messages"] if "<information>" in m["content"])
+        assert record["found"] == (question["answer"].lower() in " ".join(info.lower().split()))
+        if record["found"]:
+            assert record["messages"][-1]["content"].endswith(f"<answer> {question['answer']} </answer>")
+    with pytest.raises(ValueError, match="strategy"):
+        qa_oracle_trajectories(questions, load_index(world["root"] / "index"), config, strategy="guess")
+
+
 def test_cli_writes_the_same_parquet(world, tmp_path):
     from typer.testing import CliRunner
 

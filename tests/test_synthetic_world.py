@@ -285,3 +285,20 @@ def test_cli_synth_writes_identical_files(tmp_path):
     for name in ("corpus.jsonl", "questions.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert runner.invoke(app, ["synth", "--passages", "10", "--out", str(tmp_path / "c")]).exit_code != 0
+
+
+def test_a_world_without_flavour_states_the_same_facts_in_fewer_words():
+    """flavour=False (the learning lab's short texts) drops only fact-free sentences: same passages, same ids and
+    titles, every fact span still stated, questions still answered by their supporting passage."""
+    from masksearch_rl.synthetic import generate_questions
+
+    full, lean = build_world(seed=4, num_passages=300), build_world(seed=4, num_passages=300, flavour=False)
+    for rich, short in zip(iter_passages(full), iter_passages(lean), strict=True):
+        assert (short.id, short.title) == (rich.id, rich.title)
+        assert len(short.text.split()) < len(rich.text.split())
+        assert all(span["text"] in short.text for span in short.entities)
+        assert {s["text"] for s in short.entities} <= {s["text"] for s in rich.entities}
+    texts = {p.id: p.text for p in iter_passages(lean)}
+    for question in generate_questions(lean, 40, seed=4, hops=(1, 2)):
+        assert question["answer"] in texts[question["supporting_ids"][-1]]
+    assert pickle.loads(pickle.dumps(lean)).flavour is False

@@ -105,8 +105,6 @@ def export_parquet(
     """Write ``train.parquet`` and ``val.parquet`` (each replaced atomically); returns counts.
 
     Pass an :class:`ExportConfig`, or its fields as keywords (``val_fraction=0.05, seed=0``)."""
-    import pandas as pd
-
     if config is not None and options:
         raise TypeError("pass either an ExportConfig or keyword options, not both")
     config = config or ExportConfig(**options)
@@ -120,10 +118,8 @@ def export_parquet(
         split = "val" if str(item["id"]) in val_ids else "train"
         splits[split].append(item_to_row(item, len(splits[split]), split, config))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        with atomic_path(out_dir / f"{split}.parquet") as tmp:
-            pd.DataFrame(rows, columns=list(_columns())).to_parquet(tmp, index=False)
+        write_rows(rows, out_dir / f"{split}.parquet")
     return {
         "train": len(splits["train"]),
         "val": len(splits["val"]),
@@ -133,5 +129,21 @@ def export_parquet(
     }
 
 
-def _columns() -> tuple[str, ...]:
-    return ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
+COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """RL rows (``item_to_row``'s, or any DESIGN.md row) -> one parquet file, replaced atomically."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=list(COLUMNS)).to_parquet(tmp, index=False)
+    return path
+
+
+def export_items(items: list[dict], path: str | Path, split: str, config: ExportConfig | None = None) -> Path:
+    """``items`` as they are, in order, -> one RL parquet file (the caller chose the split)."""
+    config = config or ExportConfig()
+    return write_rows([item_to_row(item, index, split, config) for index, item in enumerate(items)], path)

@@ -29,6 +29,8 @@ def source_text(item: dict[str, Any]) -> str:
 
 
 def source_exclusion(item: dict[str, Any]) -> SearchExclusion:
-    """Hides the item's source passage: its id (a RAMP item's id is its passage's id) and its unmasked text."""
+    """Hides the item's source passage: its id (``passage_id`` when the item has one, as items of several maskings of
+    one passage do; else the item's id, which ``ramp generate`` sets to its passage's) and its unmasked text."""
     text = source_text(item)
-    return SearchExclusion(ids=(str(item["id"]),), texts=(text,) if text.strip() else ())
+    passage_id = item.get("passage_id", item["id"])
+    return SearchExclusion(ids=(str(passage_id),), texts=(text,) if text.strip() else ())

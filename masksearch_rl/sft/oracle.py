@@ -102,22 +102,46 @@ class OracleConfig:
     wording: str = "varied"
     # Hide each item's source passage from its searches, as the RL export's hide_source does (module docstring).
     hide_source: bool = False
+    # The queries tried in turn (see candidate_queries): "title", "title_entities" (the title and up to three of the
+    # passage's unmasked entities), "opening" (the first ``opening_words`` words of the masked text, masks left out).
+    queries: tuple[str, ...] = ("title", "title_entities", "opening")
+    opening_words: int = 12
 
     def __post_init__(self) -> None:
         if self.wording not in ("varied", "fixed"):
             raise ValueError(f"wording must be 'varied' or 'fixed', got {self.wording!r}")
+        object.__setattr__(self, "queries", tuple(self.queries))
+        unknown = [q for q in self.queries if q not in QUERY_STRATEGIES]
+        if unknown or not self.queries:
+            raise ValueError(f"queries must be a non-empty list of {QUERY_STRATEGIES}, got {list(self.queries)}")
+        if self.opening_words < 1:
+            raise ValueError(f"opening_words must be >= 1, got {self.opening_words}")
         if self.topk < 1 or self.max_searches < 1 or self.max_info_tokens < 1:
             raise ValueError(f"topk, max_searches and max_info_tokens must be >= 1: {self}")
 
 
-def candidate_queries(item: dict[str, Any], max_queries: int) -> list[str]:
-    """Queries that should retrieve the item's source passage, most natural first, without repeats."""
+QUERY_STRATEGIES = ("title", "title_entities", "opening")
+
+
+def opening_query(masked_text: str, words: int = 12) -> str:
+    """The first ``words`` words of a masked text, its masks left out: a query that a model can copy verbatim."""
+    return " ".join(masked_text.replace(MASK_TOKEN, " ").split()[:words])
+
+
+def candidate_queries(
+    item: dict[str, Any], max_queries: int, strategies: tuple[str, ...] = QUERY_STRATEGIES, opening_words: int = 12
+) -> list[str]:
+    """Queries that should retrieve the item's source passage, in the order of ``strategies``, without repeats."""
     title = str(item.get("title") or "").strip()
     masks = {str(m).strip().lower() for m in item["masks"]}
     entities = [str(e).strip() for e in item.get("entities") or []]
     unmasked = [e for e in entities if e and e.lower() not in masks and e.lower() != title.lower()]
-    opening = " ".join(str(item["query"]).replace(MASK_TOKEN, " ").split()[:12])
-    candidates = [title, " ".join([title, *unmasked[:3]]).strip(), opening]
+    by_strategy = {
+        "title": title,
+        "title_entities": " ".join([title, *unmasked[:3]]).strip(),
+        "opening": opening_query(str(item["query"]), opening_words),
+    }
+    candidates = [by_strategy[strategy] for strategy in strategies]
     unique: list[str] = []
     for query in candidates:
         query = " ".join(query.split())
@@ -228,7 +252,7 @@ def oracle_trajectories(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-    candidates = [candidate_queries(item, config.max_searches) for item in items]
+    candidates = [candidate_queries(item, config.max_searches, config.queries, config.opening_words) for item in items]
     rounds: list[list[tuple[str, list[Hit]]]] = [[] for _ in items]
     pending = list(range(len(items)))
     for attempt in range(config.max_searches):
@@ -286,6 +310,72 @@ def write_oracle_sft(
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ QA questions
+QA_THOUGHTS = {
+    "first": "I will search for the answer to this question.",
+    "next": "I need one more fact. I will search again.",
+    "found": "The results contain the answer.",
+    "not_found": "The results do not contain the answer. I will guess.",
+}
+QA_QUERY_STRATEGIES = ("question", "oracle")
+
+
+def qa_oracle_trajectories(
+    questions: list[dict[str, Any]], retriever: Retriever, config: OracleConfig, strategy: str = "oracle"
+) -> list[dict[str, Any]]:
+    """Scripted episodes for QA records (``id``, ``question``, ``answer`` [, ``oracle_queries``]), one per record.
+
+    ``strategy="oracle"`` searches each hop's ``oracle_queries`` in turn (the synthetic world writes them);
+    ``"question"`` searches the question itself once. Only the search results are real: a record is ``found`` (and
+    kept, unless ``keep_unfound``) when the information shown states the answer, case and spacing ignored.
+    Fixed thoughts (:data:`QA_THOUGHTS`), as ``wording="fixed"`` gives RAMP trajectories.
+    """
+    from envs.prompts import qa_messages
+
+    if strategy not in QA_QUERY_STRATEGIES:
+        raise ValueError(f"strategy must be one of {QA_QUERY_STRATEGIES}, got {strategy!r}")
+    tokenizer = None
+    if config.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    plans = [
+        [str(q) for q in record.get("oracle_queries") or []][: config.max_searches] if strategy == "oracle"
+        else [str(record["question"])]
+        for record in questions
+    ]
+    shown: list[list[str]] = [[] for _ in questions]
+    for hop in range(max((len(plan) for plan in plans), default=0)):
+        asking = [i for i, plan in enumerate(plans) if hop < len(plan)]
+        results = retriever.search([plans[i][hop] for i in asking], config.topk)
+        for i, hits in zip(asking, results):
+            shown[i].append(results_text(list(hits), config.max_info_tokens, tokenizer))
+    records = []
+    for record, plan, texts in zip(questions, plans, shown):
+        answer = str(record["answer"])
+        found = bool(texts) and normalize(answer) in normalize(" ".join(texts))
+        segments: list[Segment] = []
+        for hop, (query, text) in enumerate(zip(plan, texts)):
+            thought = QA_THOUGHTS["first" if hop == 0 else "next"]
+            segments.append(Segment("policy", f"<think> {thought} </think>\n<search> {query} </search>"))
+            segments.append(Segment("info", information_block(text)))
+        final = QA_THOUGHTS["found" if found else "not_found"]
+        segments.append(Segment("policy", f"<think> {final} </think>\n{answer_block(answer)}"))
+        records.append({
+            "id": str(record["id"]),
+            "data_source": str(record.get("data_source") or "synthetic_qa"),
+            "keep": found or config.keep_unfound,
+            "found": found,
+            "queries": plan,
+            "num_searches": len(plan),
+            "answer": answer,
+            "messages": [*qa_messages(str(record["question"])), *transcript_messages(segments)],
+            "response": "".join(segment.text for segment in segments),
+            "generator": "oracle",
+        })
+    return records
 
 
 def spans_of(answer_text: str) -> list[str]:

@@ -105,3 +105,16 @@ class RLLayoutSFTDataset(MultiTurnSFTDataset):
             "position_ids": F.pad(position_ids, (0, pad), value=0),
             "loss_mask": F.pad(loss_mask, (0, pad), value=0),
         }
+
+
+class RLLayoutPretrainDataset(RLLayoutSFTDataset):
+    """Language-model pre-training on whole trajectories in the RL layout: every token is a target.
+
+    Why (the learning lab's copy pre-training): a trajectory's ``<information>`` block repeats the passage the prompt
+    shows with its masks filled in, so predicting it is copy practice on almost every token -- far more than the few
+    answer tokens SFT trains on. Select with ``data.custom_cls.name=RLLayoutPretrainDataset``.
+    """
+
+    def tokenize(self, messages: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, loss_mask = super().tokenize(messages)
+        return input_ids, torch.ones_like(loss_mask)

@@ -49,8 +49,10 @@ def write_synthetic_corpus(
     seed: int = 0,
     hops: tuple[int, ...] = (1, 2, 3, 4),
     progress: bool = True,
+    flavour: bool = True,
 ) -> dict[str, Any]:
     """Write ``out_dir/corpus.jsonl`` and ``out_dir/questions.jsonl``, each atomically; return a summary.
+    ``flavour=False``: facts only, no fact-free padding sentences (:class:`World`).
 
     Questions use the same seed as the world. A kill leaves either no file or a complete one, so a re-run
     simply starts over (generation is deterministic, so the result is the same).
@@ -60,7 +62,7 @@ def write_synthetic_corpus(
     from masksearch_rl.jsonl import atomic_path, write_jsonl
 
     out = Path(out_dir)
-    world = build_world(seed, num_passages)
+    world = build_world(seed, num_passages, flavour)
     passages = tqdm(iter_passages(world), total=num_passages, desc="passages", unit="p", disable=not progress,
                     mininterval=1.0)
     # Same bytes as write_jsonl, but one encoder for all lines: json.dumps(ensure_ascii=False) builds one per

@@ -17,6 +17,8 @@ def register(app: typer.Typer) -> None:
         passages: int = typer.Option(10_000, "--passages", min=40, help="Number of passages (at least 40)."),
         questions: int = typer.Option(1_000, "--questions", min=0, help="Number of multi-hop questions."),
         seed: int = typer.Option(0, "--seed", help="World seed: same seed, byte-identical files."),
+        flavour: bool = typer.Option(True, "--flavour/--no-flavour", help="Pad passages to 60-130 words with "
+                                     "fact-free sentences (default), or state the facts only (shorter texts)."),
         wandb_project: str = typer.Option(None, "--wandb-project", help="Log the summary to W&B (key from "
                                           "$WANDB_API_KEY; WANDB_MODE=offline works without network)."),
         wandb_name: str = typer.Option(None, "--wandb-name"),
@@ -28,9 +30,9 @@ def register(app: typer.Typer) -> None:
         from masksearch_rl.tracking import TrackingConfig, start_run
 
         tracking = TrackingConfig(project=wandb_project, name=wandb_name, mode=wandb_mode, dir=wandb_dir)
-        options = {"out": str(out), "passages": passages, "questions": questions, "seed": seed}
+        options = {"out": str(out), "passages": passages, "questions": questions, "seed": seed, "flavour": flavour}
         with start_run(tracking, "synth", options) as tracker:
-            summary = write_synthetic_corpus(out, passages, questions, seed)
+            summary = write_synthetic_corpus(out, passages, questions, seed, flavour=flavour)
             tracker.summary({k: v for k, v in summary.items() if not k.endswith("_path")})
             if tracker.enabled and summary["questions"]:
                 rows = [[q["id"], q["question"], q["answer"], q["hops"], q["oracle_queries"]]

@@ -567,7 +567,7 @@ def render_entity(world: World, index: int) -> EntityPassages:
             for key in keys:
                 fact_part[key] = part
         words = sum(len(text.split()) for text, _ in sentences)
-        target = rng.between(MIN_WORDS + 8, 100)
+        target = rng.between(MIN_WORDS + 8, 100) if world.flavour else 0
         # This part's share of a random order of the pool: no flavour line repeats within an entity.
         fillers = [(start + k * step) % len(pool) for k in range(part, len(pool), num_parts)]
         while words < target and fillers:

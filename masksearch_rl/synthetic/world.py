@@ -221,11 +221,14 @@ class Entity:
 class World:
     """The world behind a corpus of ``num_passages`` passages; every method is O(1) and pure."""
 
-    def __init__(self, seed: int, num_passages: int):
+    def __init__(self, seed: int, num_passages: int, flavour: bool = True):
+        """``flavour=False``: passages state their facts only, without the fact-free sentences that pad them to
+        60-130 words (shorter texts, for the learning lab's CPU budget); everything else is the same."""
         if num_passages < MIN_PASSAGES:
             raise ValueError(f"num_passages must be at least {MIN_PASSAGES}, got {num_passages}")
         self.seed = seed
         self.num_passages = num_passages
+        self.flavour = flavour
         # A quarter of the entities are "notable" (the lowest indices) and get two passages: N = E + E/4.
         self.num_entities = -(-num_passages * 4 // 5)
         self.num_notable = num_passages - self.num_entities
@@ -238,8 +241,8 @@ class World:
         self.name = lru_cache(maxsize=1 << 18)(self._name)
 
     def __reduce__(self):
-        """Pickle as its two arguments (the name cache is not picklable, and is cheap to rebuild)."""
-        return World, (self.seed, self.num_passages)
+        """Pickle as its arguments (the name cache is not picklable, and is cheap to rebuild)."""
+        return World, (self.seed, self.num_passages, self.flavour)
 
     # -- randomness --
     def _hash(self, index: int, salt: int) -> int:
@@ -510,6 +513,7 @@ def _date(rng: Rng, year: int) -> str:
     return f"{rng.between(1, 28)} {rng.choice(MONTHS)} {year}"
 
 
-def build_world(seed: int, num_passages: int) -> World:
-    """The world whose corpus has exactly ``num_passages`` passages (instant: entities are computed on demand)."""
-    return World(seed, num_passages)
+def build_world(seed: int, num_passages: int, flavour: bool = True) -> World:
+    """The world whose corpus has exactly ``num_passages`` passages (instant: entities are computed on demand);
+    ``flavour=False`` leaves out the fact-free sentences (see :class:`World`)."""
+    return World(seed, num_passages, flavour)
