@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from masksearch_rl.corpus.passage import Passage  # noqa: E402
 from masksearch_rl.ramp.extractors import OfflineExtractor  # noqa: E402
-from masksearch_rl.ramp.pipeline import RampConfig, build_item, generate_ramp, prepare_offline  # noqa: E402
+from masksearch_rl.ramp.items import build_item, prepare_offline  # noqa: E402
+from masksearch_rl.ramp.pipeline import RampConfig, generate_ramp  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # Passages

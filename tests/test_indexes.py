@@ -216,7 +216,7 @@ def test_docstore_and_manifest_follow_corpus_order(bm25_dir, corpus):
 
 
 # ------------------------------------------------------------------------------------- BM25 kernel vs the formula
-# Search goes through our kernel (bm25.py: _bm25_topk_batch); the reference is Lucene's BM25 formula computed plainly
+# Search goes through our kernel (bm25_kernels.py: topk_batch); the reference is Lucene's BM25 formula computed plainly
 # in float64 from the corpus text (term counts per passage), not from the index files.
 _LETTERS = np.random.default_rng(1).choice(list("bdgkmprst"), (400, 4))
 WORDS = sorted({"".join(chars) + "vo" for chars in _LETTERS})  # ~400 made-up words, Zipf-ranked in this order

@@ -27,10 +27,10 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from masksearch_rl.distributed import processors
 from masksearch_rl.distributed.engine import RayEngineConfig, WorkDir, committed_files, export_outputs
 from masksearch_rl.jsonl import read_jsonl
 from masksearch_rl.llm import LLMConfig
+from masksearch_rl.ramp import ray_job
 from masksearch_rl.ramp.pipeline import RampConfig, generate_ramp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def _flaky(raise_at: str | None, crash_at: str | None, marker: Path) -> type:
     """A RAMP processor that, on its first run only (``marker`` absent), raises while preparing item ``raise_at``
     (one item's bug) or raises out of the batch holding ``crash_at`` (the job fails)."""
 
-    class Flaky(processors.RampProcessor):
+    class Flaky(ray_job.RampProcessor):
         async def process(self, items):
             if crash_at in {i for i, _ in items} and not marker.exists():
                 marker.touch()
@@ -128,7 +128,7 @@ def _flaky(raise_at: str | None, crash_at: str | None, marker: Path) -> type:
 def test_an_item_that_raises_is_left_for_the_next_run_and_every_id_comes_once(tmp_path, reference, monkeypatch):
     corpus, expected = reference
     out = tmp_path / "items.jsonl"
-    monkeypatch.setattr(processors, "RampProcessor", _flaky("s00123", None, tmp_path / "raised"))
+    monkeypatch.setattr(ray_job, "RampProcessor", _flaky("s00123", None, tmp_path / "raised"))
     first = generate_ramp(_config(corpus, out))
     assert first["run"]["stopped"] is None and first["run"]["errors_pending"] == 1
     assert first["run"]["items"] + first["run"]["dropped"] == 299
@@ -147,7 +147,7 @@ def test_an_item_that_raises_is_left_for_the_next_run_and_every_id_comes_once(tm
 def test_a_failed_job_keeps_what_it_committed_and_the_rerun_finishes_it(tmp_path, reference, monkeypatch):
     corpus, expected = reference
     out = tmp_path / "items.jsonl"
-    monkeypatch.setattr(processors, "RampProcessor", _flaky(None, "s00250", tmp_path / "crashed"))
+    monkeypatch.setattr(ray_job, "RampProcessor", _flaky(None, "s00250", tmp_path / "crashed"))
     first = generate_ramp(_config(corpus, out))
     assert "worker crashed at item s00250" in first["run"]["stopped"]
     done = [r["id"] for r in read_jsonl(out)] + [r["id"] for r in read_jsonl(f"{out}.dropped.jsonl")]
@@ -161,15 +161,15 @@ def test_a_failed_job_keeps_what_it_committed_and_the_rerun_finishes_it(tmp_path
 
 _KILLED_DRIVER = """
 import asyncio, json, sys
-import masksearch_rl.distributed.processors as processors
+import masksearch_rl.ramp.ray_job as ray_job
 from masksearch_rl.ramp.pipeline import RampConfig, generate_ramp
 
-class Slow(processors.RampProcessor):  # defined in __main__: sent to the workers by value
+class Slow(ray_job.RampProcessor):  # defined in __main__: sent to the workers by value
     async def process(self, items):
         await asyncio.sleep(0.4)
         return await super().process(items)
 
-processors.RampProcessor = Slow
+ray_job.RampProcessor = Slow
 generate_ramp(RampConfig(corpus=sys.argv[1], out=sys.argv[2], seed=3, progress=False, engine="ray",
                          ray=json.loads(sys.argv[3])))
 """

@@ -93,7 +93,7 @@ def test_json_form_and_its_errors():
 
 # --------------------------------------------------------------------------------------- the item's source text
 def test_source_text_is_the_indexed_text_also_when_ramp_put_the_subject_in_front():
-    from masksearch_rl.ramp.pipeline import item_text
+    from masksearch_rl.ramp.items import item_text
 
     for passage in (Passage("p1", "Ovrin (river)", "It flows north for 80 kilometres."),
                     Passage("p2", "Ovrin", "Ovrin flows north for 80 kilometres.")):

@@ -304,7 +304,7 @@ def run_cot(config: CotConfig, tracker: Any = None) -> dict[str, Any]:
     """Run (or resume) a construction job; returns the summary (also written next to the output).
     ``tracker`` receives the Ray engine's progress (the asyncio engine shows a progress bar)."""
     if config.engine == "ray":
-        from masksearch_rl.distributed.jobs import run_cot_ray
+        from masksearch_rl.cot.ray_job import run_cot_ray
 
         return run_cot_ray(config, tracker)
     return asyncio.run(_run(config))

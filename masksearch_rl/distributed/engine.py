@@ -10,7 +10,7 @@ A job, top to bottom (:func:`run_job`):
    ``id`` (unique string) and ``record`` (the item as JSON), written once (atomically) and reused while the source
    is unchanged. Parquet, not JSON lines: Ray Data's checkpoint filter needs Arrow blocks.
 3. **Map**: ``map_batches`` with :class:`ItemWorker` actors, each wrapping one :class:`Processor` (the command's own
-   per-item code, :mod:`masksearch_rl.distributed.processors`). A processor returns an :class:`Output` or a
+   per-item code, e.g. :class:`masksearch_rl.ramp.ray_job.RampProcessor`). A processor returns an :class:`Output` or a
    :class:`Failure` per item. Failures are not emitted: they go to ``failures/<worker>.jsonl``, so they are not
    checkpointed and the next run retries them. Every LLM request of every worker passes the endpoint budget
    (:mod:`masksearch_rl.distributed.budget`).

@@ -1,4 +1,4 @@
-"""The RAMP generation job: passages in, RAMP items out; resumable, parallel, with a summary at the end.
+"""The RAMP generation job runner: passages in, RAMP items out; resumable, parallel, with a summary at the end.
 
 Reads top to bottom: open the outputs (what is already done is skipped) -> stream passages -> propose spans
 (offline rules in worker processes, or an LLM with async concurrency) -> validate -> optionally score with a
@@ -15,9 +15,11 @@ Passages whose LLM call failed (endpoint errors after retries, unusable replies)
 span list are *not* recorded (``llm_errors``, ``parse_rejects``), so the next run retries them; an unparseable reply
 is not cached either.
 
-Two engines run the same per-passage steps: this module's (one process; offline extraction in a process pool, LLM
-calls on one event loop) and Ray Data's (``--engine ray``, :mod:`masksearch_rl.distributed`), for runs past one
-machine.
+This module is the job around the items: the config, the resumable output files, the passage stream, the worker
+pool, the summary. What one passage becomes (the per-passage steps) is :mod:`masksearch_rl.ramp.items`. Two engines
+run those same steps: this module's (one process; offline extraction in a process pool, LLM calls on one event
+loop) and Ray Data's (``--engine ray``, :mod:`masksearch_rl.ramp.ray_job` on :mod:`masksearch_rl.distributed`), for
+runs past one machine.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -35,19 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from envs.prompts import MASK_TOKEN
-from masksearch_rl.corpus.passage import Passage, split_contents
+from masksearch_rl.corpus.passage import Passage
 from masksearch_rl.jsonl import BadLines, ResumableJsonlWriter, atomic_path, iter_jsonl
-from masksearch_rl.ramp.extractors import Extraction, OfflineExtractor, SpanExtractor, detect_language
-from masksearch_rl.ramp.masking import (
-    Candidate,
-    MaskingConfig,
-    has_mask_token,
-    mask_text,
-    restore_text,
-    select_masks,
-    validate_candidates,
-)
+from masksearch_rl.ramp.extractors import SpanExtractor
+from masksearch_rl.ramp.items import Prepared, build_item, passage_from_record, precheck, prepare, prepare_offline
+from masksearch_rl.ramp.masking import MaskingConfig
 from masksearch_rl.ramp.ppl import PplConfig
 
 if TYPE_CHECKING:
@@ -80,7 +73,7 @@ class RampConfig:
     chunk_size: int = 128  # passages per worker task
     max_llm_errors: int = 1000  # stop (progress kept) when the endpoint keeps failing
     progress: bool = True
-    engine: str = "asyncio"  # asyncio (this module) | ray (Ray Data: masksearch_rl.distributed)
+    engine: str = "asyncio"  # asyncio (this module) | ray (Ray Data: masksearch_rl.ramp.ray_job)
     ray: dict[str, Any] = field(default_factory=dict)  # RayEngineConfig fields, for engine "ray"
 
     def __post_init__(self) -> None:
@@ -109,133 +102,6 @@ class RampConfig:
     @property
     def summary_path(self) -> Path:
         return Path(f"{self.out}.summary.json")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Per-passage steps (pure functions of the passage and the config: safe in worker processes)
-
-
-@dataclass
-class Prepared:
-    """A passage after extraction and validation, waiting for mask selection."""
-
-    passage: Passage
-    text: str  # the item's passage (the title may have been put in front)
-    source: str
-    candidates: list[Candidate] = field(default_factory=list)
-    rejects: Counter = field(default_factory=Counter)
-    drop: str | None = None
-    parse_error: str | None = None
-    result: dict | str | None = None  # the item or drop reason, when it was already built (in a worker)
-
-
-def passage_from_record(record: dict) -> tuple[Passage, str | None]:
-    """A passage JSONL record (``id`` + ``contents`` and/or ``title``/``text``) -> (Passage, its source)."""
-    contents = record.get("contents")
-    title, text = split_contents(contents) if isinstance(contents, str) else ("", "")
-    if isinstance(record.get("text"), str):
-        text = record["text"]
-    if isinstance(record.get("title"), str):
-        title = record["title"]
-    entities = record.get("entities") if isinstance(record.get("entities"), list) else []
-    source = record.get("source") if isinstance(record.get("source"), str) else None
-    return Passage(id=str(record["id"]), title=title, text=text, entities=entities), source
-
-
-def item_text(passage: Passage, prepend_title: bool) -> str:
-    """The passage as the item shows it. Like the paper, name the subject when the passage never does, so a
-    paragraph about "it" can still be searched for."""
-    text = passage.text.strip()
-    base = passage.title.split(" (")[0].strip()
-    if prepend_title and base and base not in text:
-        return f"{base}: {text}"
-    return text
-
-
-def prepare(passage: Passage, source: str, extraction: Extraction | None, config: RampConfig, text: str) -> Prepared:
-    """Validate the extractor's proposals; mark the passage dropped when nothing can be masked."""
-    prepared = Prepared(passage=passage, text=text, source=source)
-    if extraction is None:
-        return prepared
-    if extraction.parse_error is not None:
-        prepared.drop, prepared.parse_error = "unparseable_reply", extraction.parse_error
-        return prepared
-    prepared.candidates, prepared.rejects = validate_candidates(
-        text, extraction.spans, passage.title, config.masking.max_span_chars
-    )
-    if not prepared.candidates:
-        prepared.drop = "no_valid_span"
-    return prepared
-
-
-def precheck(passage: Passage, config: RampConfig) -> tuple[str, str | None]:
-    """(item text, drop reason or None) for checks that need no extractor."""
-    text = item_text(passage, config.prepend_title)
-    if len(passage.text.split()) < config.min_words:
-        return text, "too_short"
-    if has_mask_token(text):
-        return text, "contains_mask_token"
-    return text, None
-
-
-def prepare_offline(passage: Passage, source: str, config: RampConfig) -> Prepared:
-    text, drop = precheck(passage, config)
-    if drop:
-        return Prepared(passage=passage, text=text, source=source, drop=drop)
-    extractor = OfflineExtractor(use_annotations=config.use_annotations)
-    return prepare(passage, source, extractor.extract_sync(passage, text), config, text)
-
-
-def _process_chunk(chunk: list[tuple[Passage, str]], config: RampConfig) -> list[Prepared]:
-    """Worker task: prepare each passage and, unless PPL scoring (main process) must come first, build its item."""
-    results = []
-    for passage, source in chunk:
-        prepared = prepare_offline(passage, source, config)
-        if config.ppl is None:
-            prepared.result = build_item(prepared, config)
-            prepared.candidates = []  # not needed any more: less to send back
-        results.append(prepared)
-    return results
-
-
-def passage_rng(seed: int, passage_id: str) -> random.Random:
-    """A generator that depends only on the run seed and the passage id (string seeding is stable across runs)."""
-    return random.Random(f"{seed}\x1f{passage_id}")
-
-
-def build_item(prepared: Prepared, config: RampConfig, scores: list[float] | None = None) -> dict | str:
-    """The RAMP item for a prepared passage, or the reason it was dropped."""
-    if prepared.drop:
-        return prepared.drop
-    rng = passage_rng(config.seed, prepared.passage.id)
-    text = prepared.text
-    chosen = select_masks(text, prepared.candidates, config.masking, rng, scores, detect_language(text))
-    if not chosen:
-        return "no_valid_span"
-    masked = mask_text(text, chosen)
-    masks = [c.text for c in chosen]
-    # The invariants the format promises; a failure here is a bug, not bad input.
-    if masked.count(MASK_TOKEN) != len(masks) or restore_text(masked, masks) != text or masked.startswith(MASK_TOKEN):
-        raise RuntimeError(f"passage {prepared.passage.id!r}: masking broke an invariant (masks {masks!r})")
-    item = {
-        "id": prepared.passage.id,
-        "title": prepared.passage.title,
-        "passage": text,
-        "query": masked,
-        "instruction": config.masking.instruction,
-        "masks": masks,
-        "num_masks": len(masks),
-        "entities": [c.text for c in prepared.candidates],
-        "mask_types": [c.type for c in chosen],
-        "source": prepared.source,
-        "extractor": config.extractor,
-        "selection": "ppl" if scores is not None else f"sample:{config.masking.weighting}",
-        "seed": config.seed,
-    }
-    if scores is not None:
-        by_start = {c.start: s for c, s in zip(prepared.candidates, scores)}
-        item["mask_scores"] = [round(by_start[c.start], 4) for c in chosen]
-    return item
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,7 +224,7 @@ def generate_ramp(config: RampConfig, tracker: Any = None) -> dict[str, Any]:
     """Run (or resume) a generation job; returns the summary that is also written next to the output.
     ``tracker`` receives the Ray engine's progress (the asyncio engine shows a progress bar)."""
     if config.engine == "ray":
-        from masksearch_rl.distributed.jobs import generate_ramp_ray
+        from masksearch_rl.ramp.ray_job import generate_ramp_ray
 
         return generate_ramp_ray(config, tracker)
     from tqdm import tqdm
@@ -407,7 +273,7 @@ def generate_ramp(config: RampConfig, tracker: Any = None) -> dict[str, Any]:
             "elapsed_s": round(time.perf_counter() - started, 3),
         },
         "totals": summarize_outputs(config.out),
-        "config": _describe_config(config),
+        "config": describe_config(config),
     }
     if llm_description is not None:
         summary["llm"] = llm_description
@@ -436,6 +302,19 @@ def _run_offline(passages: Iterable[tuple[Passage, str]], config: RampConfig) ->
                 yield from in_flight.popleft().result()
         while in_flight:
             yield from in_flight.popleft().result()
+
+
+def _process_chunk(chunk: list[tuple[Passage, str]], config: RampConfig) -> list[Prepared]:
+    """Worker task: prepare each passage and, unless PPL scoring (main process) must come first, build its item."""
+    results = []
+    for passage, source in chunk:
+        prepared = prepare_offline(passage, source, config)
+        if config.ppl is None:
+            prepared.result = build_item(prepared, config)
+            prepared.candidates = []  # not needed any more: less to send back
+        results.append(prepared)
+    return results
+
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -528,7 +407,7 @@ def summarize_outputs(out: str | Path) -> dict[str, Any]:
     }
 
 
-def _describe_config(config: RampConfig) -> dict[str, Any]:
+def describe_config(config: RampConfig) -> dict[str, Any]:
     data = asdict(config)
     if data.get("llm"):
         data["llm"].pop("extra_body", None)  # may hold provider options; the key itself is never in the config

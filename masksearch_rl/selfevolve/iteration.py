@@ -148,7 +148,7 @@ def run_iteration(config: IterationConfig, tracker: Any = None) -> dict[str, Any
     tasks = fresh_tasks(config, exclude, bad)
     teacher_path = out_dir / "teacher.jsonl"
     if config.engine == "ray":
-        from masksearch_rl.distributed.jobs import run_teacher_ray
+        from masksearch_rl.selfevolve.ray_job import run_teacher_ray
 
         teacher = run_teacher_ray(config, tasks, teacher_path, tracker)
     else:
