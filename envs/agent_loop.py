@@ -38,7 +38,7 @@ Registration: ``import verl`` loads our ``verl.plugins`` entry point (masksearch
 module; rows choose the loop with ``agent_name: masksearch_agent``.
 
 Where ``extra_fields`` go in verl 0.9.1 (model_turns, env_turns, search_count, search_calls, search_errors,
-search_limit_hits, search_latency_s, info_tokens, response_truncated, finish_reason). ``search_errors`` counts
+search_empty (the backend answered with no passage at all), search_limit_hits, search_latency_s, info_tokens, response_truncated, finish_reason). ``search_errors`` counts
 searches that failed on the environment's side (empty or over-long query, backend error or timeout);
 ``search_limit_hits`` counts searches the policy asked for past ``max_turns`` (the notice, and the search that ends
 the rollout after it): the first is a backend health signal, the second the policy's behaviour.
@@ -199,7 +199,7 @@ class MaskSearchAgentLoop(AgentLoopBase):
         traj = _Trajectory()
         rules = EpisodeRules(self.env.max_turns)
         stats = {"model_turns": 0, "env_turns": 0, "search_count": 0, "search_calls": 0, "search_errors": 0,
-                 "search_limit_hits": 0, "info_tokens": 0}
+                 "search_empty": 0, "search_limit_hits": 0, "info_tokens": 0}
         timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
         server_fields: dict[str, Any] = {}
         num_preempted = None
@@ -252,6 +252,7 @@ class MaskSearchAgentLoop(AgentLoopBase):
                 timing["tool_calls"] += outcome.latency_s
                 stats["search_calls"] += int(outcome.called_backend)
                 stats["search_errors"] += int(outcome.error is not None)
+                stats["search_empty"] += int(outcome.error is None and outcome.called_backend and not outcome.num_hits)
                 text = outcome.text
             info_ids = self._information_ids(text, room)
             if not info_ids:

@@ -212,6 +212,24 @@ def test_episode_metrics_average_env_fields_and_reward_components():
     assert "reward/note/mean" not in metrics
 
 
+def test_a_step_whose_searches_all_come_back_empty_is_loud(caplog):
+    """A retrieval outage (every search failed or found no passage) shows as env/search_useless_frac = 1 and one
+    warning -- never as a merely flat reward."""
+    import logging
+
+    from masksearch_rl.verl_ext import trainer
+
+    trainer._last_useless_warning = -1e9
+    healthy = [{"search_calls": 2, "search_errors": 0, "search_empty": 1}, {"search_calls": 1}]
+    assert trainer.episode_metrics(healthy)["env/search_useless_frac"] == pytest.approx(1 / 3)
+    episode_rows = [{"search_calls": 2, "search_errors": 1, "search_empty": 1}, {"search_calls": 1, "search_empty": 1}]
+    with caplog.at_level(logging.WARNING, logger=trainer.__name__):
+        metrics = trainer.episode_metrics(episode_rows)
+        trainer.episode_metrics(episode_rows)  # the next step within a minute: no second warning
+    assert metrics["env/search_useless_frac"] == 1.0 and metrics["env/search_empty/mean"] == 1.0
+    assert len([r for r in caplog.records if "failed or found no passage" in r.getMessage()]) == 1
+
+
 def test_report_reads_verl_file_logger_and_plots(tmp_path):
     from masksearch_rl.rl.report import load_metrics, plot_metrics, summarize
 

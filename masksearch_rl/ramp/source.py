@@ -17,7 +17,7 @@ from masksearch_rl.retrieval.exclusion import SearchExclusion
 def source_text(item: dict[str, Any]) -> str:
     """The item's unmasked passage as the index stores it (a hit's ``text``).
 
-    ``ramp generate`` may put the subject in front of a passage that never names it (``masksearch_rl.ramp.pipeline
+    ``ramp generate`` may put the subject in front of a passage that never names it (``masksearch_rl.ramp.items
     .item_text``: ``"<title before any ' ('>: <text>"``); the index has the text without it, so it is taken off here.
     Should a passage itself begin that way, the text returned is a suffix of the indexed one, which the exclusion
     rule (a hit containing a hidden text) still hides.

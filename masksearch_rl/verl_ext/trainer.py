@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 TRAINER_MODE = "masksearch_sync"
 
 # Numeric extra fields of our agent loop (envs/agent_loop.py) worth a per-step mean.
-ENV_FIELDS = ("search_count", "search_calls", "search_errors", "search_limit_hits", "search_latency_s", "info_tokens",
-              "model_turns", "env_turns", "response_truncated")
+ENV_FIELDS = ("search_count", "search_calls", "search_errors", "search_empty", "search_limit_hits", "search_latency_s",
+              "info_tokens", "model_turns", "env_turns", "response_truncated")
 
 
 def episode_metrics(extra_fields: Iterable[Mapping[str, Any] | None]) -> dict[str, float]:
@@ -68,7 +68,30 @@ def episode_metrics(extra_fields: Iterable[Mapping[str, Any] | None]) -> dict[st
     metrics = {f"{key}/mean": sums[key] / counts[key] for key in sums if counts[key]}
     for reason, n in finishes.items():
         metrics[f"env/finish/{reason}"] = n / episodes
+    searched = sums.get("env/search_calls", 0.0)
+    if searched:
+        # The share of the step's backend searches that showed the policy nothing (failed, or no passage at all): a
+        # retrieval outage must not pass for a flat reward.
+        useless = sums.get("env/search_errors", 0.0) + sums.get("env/search_empty", 0.0)
+        metrics["env/search_useless_frac"] = min(1.0, useless / searched)
+        if useless >= searched:
+            _warn_every_search_useless(int(searched))
     return metrics
+
+
+_last_useless_warning = 0.0
+
+
+def _warn_every_search_useless(searches: int) -> None:
+    """Loud, but at most once a minute: every search of a step failed or found nothing."""
+    import time
+
+    global _last_useless_warning
+    if time.monotonic() - _last_useless_warning >= 60:
+        _last_useless_warning = time.monotonic()
+        logger.warning("every one of this step's %d searches failed or found no passage: the policy is training "
+                       "without retrieval (check the retrieval server / search_env.backend; env/search_errors, "
+                       "env/search_empty)", searches)
 
 
 def _add(sums: dict, counts: dict, key: str, value: Any) -> None:
