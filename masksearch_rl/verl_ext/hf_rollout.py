@@ -289,4 +289,6 @@ class HFServerAdapter(BaseRollout):
 
 RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFReplica)
 # verl looks the worker-side adapter up by (name, mode) in this table (verl.workers.rollout.base.get_rollout_class).
+# verl 0.9.1 offers a public registration for replicas (above) but none for adapters: this module-level table is the
+# only way in, so it is written here, once; switch to a public call when verl grows one.
 _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"
