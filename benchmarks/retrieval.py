@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from masksearch_rl.retrieval.server_process import ServerProcess
+from masksearch_rl.retrieval.types import DEFAULT_TOPK
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = ROOT / "benchmarks" / "wrk_retrieve.lua"
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the duration is split into")
     parser.add_argument("--batched-posts", type=int, default=3,
                         help="2,560-query POSTs per server, interleaved (0: skip)")
-    parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--topk", type=int, default=DEFAULT_TOPK)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")

@@ -33,11 +33,15 @@ from envs.prompts import (
     TRUNCATION_MARKER,
 )
 from masksearch_rl.retrieval.exclusion import SearchExclusion
-from masksearch_rl.retrieval.types import Hit, SearchBackend, SearchError
+from masksearch_rl.retrieval.types import DEFAULT_TOPK, Hit, SearchBackend, SearchError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETRIEVAL_URL = "http://127.0.0.1:8000"
+# The one definition of the search defaults (SearchSettings' field defaults): CLI options, dataclass defaults and
+# docs elsewhere read these names; a yaml that must carry the number is checked against them in
+# tests/test_search_settings.py. DEFAULT_TOPK itself lives on the retrieval floor (the server's default too).
+DEFAULT_MAX_INFO_TOKENS = 512
 # SearchOutcome.error for the policy's own bad queries (not backend failures; self-evolve tells the two apart).
 EMPTY_QUERY_ERROR = "empty query"
 QUERY_TOO_LONG_ERROR = "query too long"
@@ -55,8 +59,8 @@ class SearchSettings:
     """
 
     backend: dict[str, Any] = field(default_factory=dict)
-    topk: int = 3
-    max_info_tokens: int = 512
+    topk: int = DEFAULT_TOPK
+    max_info_tokens: int = DEFAULT_MAX_INFO_TOKENS
     max_query_chars: int = 512
     search_timeout_s: float = 60.0
 

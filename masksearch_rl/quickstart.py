@@ -31,6 +31,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from envs.search_client import DEFAULT_TOPK
 from masksearch_rl.jsonl import atomic_path
 
 console = Console()
@@ -45,7 +46,7 @@ class QuickstartConfig:
     passages: int = 2000
     questions: int = 200
     seed: int = 0
-    topk: int = 3
+    topk: int = DEFAULT_TOPK
     demo_questions: int = 4
     # Training (stages 6-9); `train=False` stops after the data stages.
     train: bool = True

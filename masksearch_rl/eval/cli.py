@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from envs.search_client import DEFAULT_MAX_INFO_TOKENS, DEFAULT_TOPK
+
 eval_app = typer.Typer(help="Evaluate search agents on QA benchmarks; Table 2; verl val parquet.",
                        no_args_is_help=True)
 
@@ -56,8 +58,8 @@ def run_command(
     index_dir: Optional[str] = typer.Option(None, "--index", help="Search a local index directly (no server)."),
     web: Optional[str] = typer.Option(None, "--web", help="Web search instead: serper | serpapi | google_cse "
                                       "(key from $SERPER_API_KEY ...)."),
-    topk: int = typer.Option(3, "--topk"),
-    max_info_tokens: int = typer.Option(512, "--max-info-tokens"),
+    topk: int = typer.Option(DEFAULT_TOPK, "--topk"),
+    max_info_tokens: int = typer.Option(DEFAULT_MAX_INFO_TOKENS, "--max-info-tokens"),
     max_turns: int = typer.Option(4, "--max-turns", help="Searches answered per question."),
     concurrency: int = typer.Option(32, "--concurrency", help="Episodes in flight."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N questions of each benchmark."),

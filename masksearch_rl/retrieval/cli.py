@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from masksearch_rl.retrieval.types import DEFAULT_TOPK
+
 index_app = typer.Typer(help="Build search indexes (BM25, dense, hybrid) over a passage JSONL.", no_args_is_help=True)
 
 
@@ -76,7 +78,7 @@ def build(
 def search(
     queries: Annotated[list[str], typer.Argument(help="One or more queries (searched as one batch).")],
     index: Annotated[Path, typer.Option("--index", "-i", help="Index directory.")],
-    topk: Annotated[int, typer.Option("--topk", "-k", min=1)] = 3,
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1)] = DEFAULT_TOPK,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per query instead of text.")] = False,
     nprobe: Annotated[int | None, typer.Option(help="IVF lists visited per query.")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search beam.")] = None,

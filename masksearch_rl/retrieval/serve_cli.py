@@ -18,6 +18,8 @@ from pathlib import Path
 
 import typer
 
+from masksearch_rl.retrieval.types import DEFAULT_TOPK
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command to the top-level app."""
@@ -30,7 +32,7 @@ def register(app: typer.Typer) -> None:
         token_env: str | None = typer.Option(
             None, "--token-env", help="NAME of an environment variable holding a bearer token; off when unset."
         ),
-        default_topk: int = typer.Option(3, "--default-topk", help="topk when a request gives none (or 0)."),
+        default_topk: int = typer.Option(DEFAULT_TOPK, "--default-topk", help="topk when a request gives none (or 0)."),
         max_topk: int = typer.Option(50, "--max-topk", help="Largest topk a request may ask for."),
         max_query_chars: int = typer.Option(2048, "--max-query-chars", help="Longest query accepted."),
         max_queries: int = typer.Option(16384, "--max-queries", help="Most queries one request may carry."),

@@ -45,7 +45,7 @@ from masksearch_rl.corpus.passage import split_contents
 from masksearch_rl.retrieval.batching import BatcherClosed, MicroBatcher
 from masksearch_rl.retrieval.exclusion import ExclusionError, SearchExclusion
 from masksearch_rl.retrieval.http import HttpApp, HttpLimits, HttpServer, Request, Response
-from masksearch_rl.retrieval.types import Hit, Retriever
+from masksearch_rl.retrieval.types import DEFAULT_TOPK, Hit, Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 class ServerConfig:
     """Limits and behaviour of the retrieval server. ``token_env`` is the *name* of the variable holding the token."""
 
-    default_topk: int = 3
+    default_topk: int = DEFAULT_TOPK
     max_topk: int = 50
     max_query_chars: int = 2048
     max_queries: int = 16384  # per request; Search-R1's client sends a whole rollout batch (e.g. 512 x 5) at once

@@ -18,6 +18,11 @@ from typing import Any, Protocol, runtime_checkable
 from masksearch_rl.corpus.passage import split_contents
 from masksearch_rl.retrieval.exclusion import SearchExclusion, search_hiding
 
+# Passages per search when nobody says otherwise (Search-R1's 3): the retrieval server's default for a request
+# without ``topk``, ``masksearch-rl search``, and (through :class:`envs.search_client.SearchSettings`, which reads it
+# from here because the retrieval floor cannot import the environment's) every agent, data generator and evaluation.
+DEFAULT_TOPK = 3
+
 
 @dataclass
 class Hit:

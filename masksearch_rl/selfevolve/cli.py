@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from envs.search_client import DEFAULT_MAX_INFO_TOKENS, DEFAULT_TOPK
+
 
 def register(app: typer.Typer) -> None:
     se = typer.Typer(help="Self-Evolve Distillation (teacher trajectories -> judge -> merged D_T).",
@@ -30,8 +32,8 @@ def register(app: typer.Typer) -> None:
         index_dir: Optional[str] = typer.Option(None, "--index", help="Search a local index directly (no server)."),
         web: Optional[str] = typer.Option(None, "--web", help="Web search instead: serper | serpapi | google_cse "
                                           "(key from $SERPER_API_KEY ...)."),
-        topk: int = typer.Option(3, "--topk", help="Results per search."),
-        max_info_tokens: int = typer.Option(512, "--max-info-tokens", help="Words of results per <information>."),
+        topk: int = typer.Option(DEFAULT_TOPK, "--topk", help="Results per search."),
+        max_info_tokens: int = typer.Option(DEFAULT_MAX_INFO_TOKENS, "--max-info-tokens", help="Words of results per <information>."),
         temperature: float = typer.Option(0.7, "--temperature", help="Teacher sampling temperature."),
         judge_fallback: bool = typer.Option(False, "--judge-fallback/--no-judge-fallback",
                                             help="On a failed judge call grade by exact match (marked in the "

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from envs.search_client import DEFAULT_MAX_INFO_TOKENS, DEFAULT_TOPK
+
 
 def curriculum_config(mode: str, stages: str | None, seed: int, epochs_per_stage: float = 1.0,
                       replay_fraction: float = 0.0) -> "CurriculumConfig":  # noqa: F821
@@ -75,10 +77,10 @@ def register(app: typer.Typer) -> None:
         ramp: Path = typer.Option(..., "--ramp", exists=True, dir_okay=False, help="RAMP items JSONL."),
         index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="Index directory (BM25 ...)."),
         out: Path = typer.Option(..., "--out", help="Writes trajectories.jsonl, train/val.parquet, summary.json."),
-        topk: int = typer.Option(3, help="Results per search (match the RL environment's search_env.topk)."),
+        topk: int = typer.Option(DEFAULT_TOPK, help="Results per search (match the RL environment's search_env.topk)."),
         max_searches: int = typer.Option(2, help="Queries tried per item until the source passage comes back."),
         max_info_tokens: int = typer.Option(
-            512, help="Search results kept per <information> block: tokens of --tokenizer, else words."
+            DEFAULT_MAX_INFO_TOKENS, help="Search results kept per <information> block: tokens of --tokenizer, else words."
         ),
         tokenizer: str = typer.Option(None, help="The policy's tokenizer (HF name or dir), as the RL env truncates."),
         keep_unfound: bool = typer.Option(False, help="Also keep items whose source passage no query retrieved."),
@@ -108,7 +110,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Warm-up directory (data/, checkpoints/, train.log, model/)."),
         steps: int = typer.Option(300, help="SFT steps."),
         seed: int = typer.Option(0),
-        max_info_tokens: int = typer.Option(512, help="Tokens of search results per block (search_env's value)."),
+        max_info_tokens: int = typer.Option(DEFAULT_MAX_INFO_TOKENS, help="Tokens of search results per block (search_env's value)."),
         wording: str = typer.Option("varied", help="varied | fixed (one wording, no copied names: tiny models)."),
         layout: str = typer.Option("rl", help="rl (the RL rollout's token layout) | chat (verl's chat rendering)."),
         probe: int = typer.Option(0, help="Afterwards, greedy RL-style rollouts on this many held-out items."),

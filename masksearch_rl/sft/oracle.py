@@ -48,7 +48,7 @@ from envs.prompts import (
     ramp_messages,
 )
 from envs.rollout import Segment, transcript_messages
-from envs.search_client import results_text
+from envs.search_client import DEFAULT_MAX_INFO_TOKENS, DEFAULT_TOPK, results_text
 from masksearch_rl.jsonl import BadLines, atomic_path, write_jsonl
 from masksearch_rl.ramp.source import source_exclusion, source_text
 from masksearch_rl.retrieval.exclusion import normalize
@@ -88,8 +88,8 @@ class OracleConfig:
     environment truncates with the policy's tokenizer), or words when no tokenizer is given.
     """
 
-    topk: int = 3
-    max_info_tokens: int = 512
+    topk: int = DEFAULT_TOPK
+    max_info_tokens: int = DEFAULT_MAX_INFO_TOKENS
     tokenizer: str | None = None
     max_searches: int = 2
     seed: int = 0

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from envs.search_client import DEFAULT_MAX_INFO_TOKENS, DEFAULT_TOPK
 from masksearch_rl.jsonl import atomic_path
 from masksearch_rl.sft.oracle import OracleConfig, write_oracle_sft
 
@@ -219,8 +220,8 @@ class ProbeConfig:
     response_length: int = 512
     max_turn_tokens: int = 96
     max_searches: int = 4
-    topk: int = 3
-    max_info_tokens: int = 512
+    topk: int = DEFAULT_TOPK
+    max_info_tokens: int = DEFAULT_MAX_INFO_TOKENS
     # "continue": the RL agent loop's layout (information as raw tokens inside the assistant turn);
     # "turns": the SFT data's layout (information as a tool chat turn, then a new assistant turn).
     layout: str = "continue"
