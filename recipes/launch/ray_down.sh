@@ -24,7 +24,8 @@ fi
 # pid ppid args of every process, once; the tree is walked in awk.
 ours() {
     # The dirs reach awk through its environment: on its command line, awk itself would match.
-    ps -eo pid=,ppid=,args= | awk -v self=$$ '
+    # -ww: full command lines whatever COLUMNS says (ps cuts them to its width otherwise, and the dir may be past it).
+    ps -ww -eo pid=,ppid=,args= | awk -v self=$$ '
         BEGIN { n = split(ENVIRON["RAY_TEMP_DIR"], d, " ") }
         { pid = $1; ppid[pid] = $2; line = $0; sub(/^ *[0-9]+ +[0-9]+ /, "", line); args[pid] = line }
         END {
@@ -40,7 +41,7 @@ if [[ ${#pids[@]} -eq 0 ]]; then
     exit 0
 fi
 if [[ -n ${DRY_RUN:-} ]]; then
-    ps -o pid=,args= -p "$(IFS=,; echo "${pids[*]}")" | cut -c1-160 || true
+    ps -ww -o pid=,args= -p "$(IFS=,; echo "${pids[*]}")" | cut -c1-160 || true
     exit 0
 fi
 kill -TERM "${pids[@]}" 2>/dev/null || true
