@@ -10,7 +10,8 @@ which the offline RAMP extractor uses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from masksearch_rl.records import PassageRecord
 
 
 @dataclass
@@ -24,8 +25,8 @@ class Passage:
     def contents(self) -> str:
         return format_contents(self.title, self.text)
 
-    def to_json(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"id": self.id, "contents": self.contents, "title": self.title}
+    def to_json(self) -> PassageRecord:
+        record: PassageRecord = {"id": self.id, "contents": self.contents, "title": self.title}
         if self.entities:
             record["entities"] = self.entities
         return record

@@ -21,12 +21,13 @@ from typing import Any
 from envs.prompts import TAG_AGENT_NAME, TOOL_AGENT_NAME, qa_messages
 from masksearch_rl.eval.loaders import QAItem
 from masksearch_rl.jsonl import atomic_path
+from masksearch_rl.records import RLRow
 
 COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
 
 
 def item_to_row(item: QAItem, index: int, split: str, agent_name: str = TAG_AGENT_NAME,
-                tool_name: str = "search") -> dict[str, Any]:
+                tool_name: str = "search") -> RLRow:
     """One verl RL row for a QA item (see the module docstring)."""
     return {
         "data_source": item.dataset,
@@ -60,7 +61,7 @@ def export_parquet(
     if not items_by_dataset:
         raise ValueError("nothing to export: no benchmarks given")
     out = Path(out_dir)
-    all_rows: list[dict[str, Any]] = []
+    all_rows: list[RLRow] = []
     files: dict[str, str] = {}
     counts: dict[str, int] = {}
     for dataset, items in items_by_dataset.items():

@@ -27,6 +27,7 @@ from typing import Any
 from masksearch_rl.eval.loaders import BENCHMARKS, PAPER_BENCHMARKS, SEARCH_R1_BENCHMARKS
 from masksearch_rl.eval.metrics import ANSWER_METRICS, AVERAGES, DatasetSummary, averages, macro_average
 from masksearch_rl.jsonl import atomic_path
+from masksearch_rl.records import EvalResults
 
 TABLE_METRICS = (*ANSWER_METRICS, "judge", "searches", "turns")
 METRIC_TITLES = {
@@ -58,7 +59,7 @@ def results_dict(
     }
 
 
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
+def load_results(path: str | os.PathLike) -> EvalResults:
     """Read a ``results.json`` (or a run directory holding one), checking the fields the tables need."""
     path = Path(path)
     if path.is_dir():

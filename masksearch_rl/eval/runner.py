@@ -37,6 +37,7 @@ from masksearch_rl.eval.loaders import PAPER_BENCHMARKS, SEARCH_R1_BENCHMARKS, L
 from masksearch_rl.eval.metrics import ANSWER_METRICS, score_prediction, summarize_all
 from masksearch_rl.jsonl import BadLines, ResumableJsonlWriter, atomic_path, iter_jsonl
 from masksearch_rl.llm import LLMConfig
+from masksearch_rl.records import Prediction
 from masksearch_rl.tracking import TrackingConfig, start_run
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def load_items(config: EvalConfig) -> tuple[dict[str, list[QAItem]], dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
-async def score_episode(item: QAItem, episode: Any, judge: Any | None) -> dict[str, Any]:
+async def score_episode(item: QAItem, episode: Any, judge: Any | None) -> Prediction:
     """The predictions.jsonl record of one finished episode (see the module docstring)."""
     match = score_prediction(episode.answer, item.answers)
     scores: dict[str, Any] = dict(match._asdict())
@@ -246,7 +247,7 @@ async def _run_pending(config: EvalConfig, pending: list[QAItem], writer: Resuma
         await close_shared_backends()
 
 
-def read_predictions(path: Path, keys: set[str] | None = None) -> list[dict[str, Any]]:
+def read_predictions(path: Path, keys: set[str] | None = None) -> list[Prediction]:
     """Records of ``predictions.jsonl`` (only ``keys`` when given); bad lines are skipped and logged."""
     if not path.exists():
         return []

@@ -22,6 +22,7 @@ from typing import Any
 
 from masksearch_rl.jsonl import atomic_path
 from masksearch_rl.lab.config import ARM_TASK
+from masksearch_rl.records import LabLearning
 
 REQUIRED = ("steps", "val_acc", "format_rate", "searches", "response_length")
 TASK_TITLE = {"ramp": "held-out RAMP items", "qa": "held-out questions"}
@@ -71,10 +72,10 @@ def bar_check(arms: dict[str, Any]) -> dict[str, Any] | None:
             "met": all(g > 0 for g in gains.values()) and mean_gain >= BAR_MARGIN}
 
 
-def write_results(results_dir: Path, learning: dict[str, Any]) -> list[Path]:
+def write_results(results_dir: Path, learning: LabLearning) -> list[Path]:
     """``learning.json``, the PNG curves and ``learning.md`` under ``results_dir``; returns the files written."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    learning = {**learning, "bar": bar_check(learning["arms"])}
+    learning: LabLearning = {**learning, "bar": bar_check(learning["arms"])}
     written = [results_dir / "learning.json"]
     with atomic_path(written[0]) as tmp:
         tmp.write_text(json.dumps(learning, indent=2, default=str))
@@ -135,7 +136,7 @@ def _fmt(mean: float, half: float) -> str:
     return f"{mean:.3f} ± {half:.3f}" if half else f"{mean:.3f}"
 
 
-def render_markdown(learning: dict[str, Any], plots: list[str]) -> str:
+def render_markdown(learning: LabLearning, plots: list[str]) -> str:
     """The readable summary of ``learning.json``."""
     arms, config = learning["arms"], learning["config"]
     lines = [

@@ -24,6 +24,7 @@ from typing import Any
 from envs.prompts import RAMP_INSTRUCTION, TAG_AGENT_NAME, TOOL_AGENT_NAME, ramp_messages
 from masksearch_rl.jsonl import BadLines, atomic_path, iter_jsonl
 from masksearch_rl.ramp.source import source_exclusion
+from masksearch_rl.records import RampItem, RLRow
 
 ITEM_FIELDS = ("id", "query", "masks", "num_masks")
 
@@ -51,7 +52,7 @@ def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> set[str]:
     return set(ranked[:n_val])
 
 
-def item_to_row(item: dict, index: int, split: str, config: ExportConfig) -> dict[str, Any]:
+def item_to_row(item: RampItem, index: int, split: str, config: ExportConfig) -> RLRow:
     """One verl RL row for a RAMP item."""
     masks = [str(m) for m in item["masks"]]
     if item["num_masks"] != len(masks):
@@ -83,7 +84,7 @@ def item_to_row(item: dict, index: int, split: str, config: ExportConfig) -> dic
     }
 
 
-def load_items(path: str | Path, bad: BadLines) -> tuple[list[dict], int]:
+def load_items(path: str | Path, bad: BadLines) -> tuple[list[RampItem], int]:
     """Items in file order, first occurrence of each id; returns (items, duplicates skipped)."""
     items, seen, duplicates = [], set(), 0
     for lineno, item in iter_jsonl(path, bad=bad, required=ITEM_FIELDS):
@@ -132,7 +133,7 @@ def export_parquet(
 COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
 
 
-def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def write_rows(rows: list[RLRow], path: str | Path) -> Path:
     """RL rows (``item_to_row``'s, or any DESIGN.md row) -> one parquet file, replaced atomically."""
     import pandas as pd
 
@@ -143,7 +144,7 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def export_items(items: list[dict], path: str | Path, split: str, config: ExportConfig | None = None) -> Path:
+def export_items(items: list[RampItem], path: str | Path, split: str, config: ExportConfig | None = None) -> Path:
     """``items`` as they are, in order, -> one RL parquet file (the caller chose the split)."""
     config = config or ExportConfig()
     return write_rows([item_to_row(item, index, split, config) for index, item in enumerate(items)], path)

@@ -17,6 +17,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from masksearch_rl.loop_local import LoopLocal
+from masksearch_rl.records import RetrieveRequest
 from masksearch_rl.retrieval.exclusion import SearchExclusion
 from masksearch_rl.retrieval.types import Hit, SearchError
 
@@ -129,7 +130,7 @@ class RetrievalServerBackend:
     async def _search_chunk(
         self, queries: list[str], topk: int, exclusion: SearchExclusion | None
     ) -> list[list[Hit]]:
-        payload: dict[str, Any] = {"queries": queries, "topk": topk, "return_scores": True}
+        payload: RetrieveRequest = {"queries": queries, "topk": topk, "return_scores": True}
         if exclusion is not None:
             payload["exclude"] = exclusion.to_json()
         data = await self._post(payload)
@@ -146,7 +147,7 @@ class RetrievalServerBackend:
             ) from err
         return results if exclusion is None else [exclusion.keep(hits, topk) for hits in results]
 
-    async def _post(self, payload: dict[str, Any]) -> Any:
+    async def _post(self, payload: RetrieveRequest) -> Any:
         semaphore, client = self._resources()
         attempts = self.max_retries + 1
         retrying = http_retrying(self.max_retries, self.backoff_s, self.max_backoff_s)

@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 
 from masksearch_rl.corpus.passage import split_contents
+from masksearch_rl.records import RetrievedDoc, RetrieveResponse, ScoredDoc
 from masksearch_rl.retrieval.batching import BatcherClosed, MicroBatcher
 from masksearch_rl.retrieval.exclusion import ExclusionError, SearchExclusion
 from masksearch_rl.retrieval.http import HttpApp, HttpLimits, HttpServer, Request, Response
@@ -195,7 +196,7 @@ def parse_retrieve_request(body: bytes, config: ServerConfig) -> RetrieveRequest
     return RetrieveRequest(queries, int(topk), return_scores, exclusion)
 
 
-def hit_document(hit: Hit) -> dict[str, str]:
+def hit_document(hit: Hit) -> RetrievedDoc:
     """A hit as Search-R1's server returns it: id, title and text split from contents, and contents itself."""
     title, text = split_contents(hit.contents)
     return {"id": hit.id, "title": title, "text": text, "contents": hit.contents}
@@ -268,12 +269,14 @@ class RetrievalApp(HttpApp):
         if exclusion is not None:
             results = [exclusion.keep(hits, topk) for hits in results]
         self._count_empty(queries, results)
+        payload: list[list[ScoredDoc | RetrievedDoc]]
         if parsed.return_scores:
-            payload = [[{"document": hit_document(hit), "score": float(hit.score)} for hit in hits]
+            payload = [[ScoredDoc(document=hit_document(hit), score=float(hit.score)) for hit in hits]
                        for hits in results]
         else:
             payload = [[hit_document(hit) for hit in hits] for hits in results]
-        return Response(200, orjson.dumps({"result": payload}))
+        response: RetrieveResponse = {"result": payload}
+        return Response(200, orjson.dumps(response))
 
     def _count_empty(self, queries: list[str], results: list[list[Hit]]) -> None:
         """Count queries that found nothing; a request whose every (non-blank) query found nothing is logged as a

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from masksearch_rl.jsonl import BadLines, atomic_path, iter_jsonl
 from masksearch_rl.ramp.export import split_ids
+from masksearch_rl.records import CotTrace, OracleTrajectory, SftRow
 
 if TYPE_CHECKING:
     from masksearch_rl.curriculum.sampler import CurriculumConfig
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def trajectory_key(record: dict[str, Any]) -> str:
+def trajectory_key(record: CotTrace | OracleTrajectory) -> str:
     """A content hash of what the model is trained on (its messages), for dedupe across files and iterations."""
     return hashlib.sha256(json.dumps(record["messages"], sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -56,7 +57,9 @@ def check_messages(messages: Any) -> str | None:
     return None
 
 
-def iter_kept(paths: Iterable[str | Path], bad: BadLines, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
+def iter_kept(
+    paths: Iterable[str | Path], bad: BadLines, stats: dict[str, int]
+) -> Iterator[CotTrace | OracleTrajectory]:
     """Kept, valid, unique trajectories of ``paths`` in order (first occurrence wins)."""
     seen_ids: set[str] = set()
     seen_content: set[str] = set()
@@ -79,7 +82,7 @@ def iter_kept(paths: Iterable[str | Path], bad: BadLines, stats: dict[str, int])
             yield record
 
 
-def record_num_masks(record: dict[str, Any]) -> int | None:
+def record_num_masks(record: CotTrace | OracleTrajectory) -> int | None:
     """The trajectory's masked-span count: ``num_masks``, else one per gold span of a RAMP record; None for QA."""
     value = record.get("num_masks")
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -119,7 +122,7 @@ def export_sft(
     bad = BadLines()
     stats = {"records": 0, "not_kept": 0, "duplicates": 0}
     length: dict[str, int] = {"too_long": 0, "longest_kept": 0}
-    rows = []
+    rows: list[SftRow] = []
     for record in iter_kept(inputs, bad, stats):
         messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         if tokenizer is not None:

@@ -51,6 +51,7 @@ from envs.rollout import Segment, transcript_messages
 from envs.search_client import DEFAULT_MAX_INFO_TOKENS, DEFAULT_TOPK, results_text
 from masksearch_rl.jsonl import BadLines, atomic_path, write_jsonl
 from masksearch_rl.ramp.source import source_exclusion, source_text
+from masksearch_rl.records import OracleTrajectory, RampItem
 from masksearch_rl.retrieval.exclusion import normalize
 from masksearch_rl.retrieval.types import Hit, Retriever
 
@@ -129,7 +130,7 @@ def opening_query(masked_text: str, words: int = 12) -> str:
 
 
 def candidate_queries(
-    item: dict[str, Any], max_queries: int, strategies: tuple[str, ...] = QUERY_STRATEGIES, opening_words: int = 12
+    item: RampItem, max_queries: int, strategies: tuple[str, ...] = QUERY_STRATEGIES, opening_words: int = 12
 ) -> list[str]:
     """Queries that should retrieve the item's source passage, in the order of ``strategies``, without repeats."""
     title = str(item.get("title") or "").strip()
@@ -150,7 +151,7 @@ def candidate_queries(
     return unique[:max_queries]
 
 
-def source_rank(item: dict[str, Any], hits: list[Hit]) -> int | None:
+def source_rank(item: RampItem, hits: list[Hit]) -> int | None:
     """1-based rank of the item's source passage among ``hits`` (same id, or the same text), None when absent."""
     passage = " ".join(source_text(item).split())
     for rank, hit in enumerate(hits, start=1):
@@ -159,14 +160,14 @@ def source_rank(item: dict[str, Any], hits: list[Hit]) -> int | None:
     return None
 
 
-def spans_shown(item: dict[str, Any], information: list[str]) -> bool:
+def spans_shown(item: RampItem, information: list[str]) -> bool:
     """Whether every masked span is written in ``information`` (the result texts shown), case and spacing ignored."""
     shown = normalize(" ".join(information))
     return all(normalize(str(mask)) in shown for mask in item["masks"])
 
 
 def evidence(
-    item: dict[str, Any], rounds: list[tuple[str, list[Hit]]], config: OracleConfig, tokenizer: Any | None = None
+    item: RampItem, rounds: list[tuple[str, list[Hit]]], config: OracleConfig, tokenizer: Any | None = None
 ) -> tuple[bool, int | None]:
     """``(found, source_rank)`` after ``rounds``: the source passage's rank in the last round's hits or, with
     ``hide_source``, whether the information shown so far states every span (no rank then)."""
@@ -177,7 +178,7 @@ def evidence(
     return spans_shown(item, shown), None
 
 
-def search_rounds(retriever: Retriever, items: list[dict[str, Any]], queries: list[str], config: OracleConfig
+def search_rounds(retriever: Retriever, items: list[RampItem], queries: list[str], config: OracleConfig
                   ) -> list[list[Hit]]:
     """One batched search, query ``i`` for item ``i``; with ``hide_source`` each item's source is hidden."""
     if not config.hide_source:
@@ -193,8 +194,8 @@ def _wording(item_id: str, seed: int) -> random.Random:
 
 
 def build_trajectory(
-    item: dict[str, Any], rounds: list[tuple[str, list[Hit]]], config: OracleConfig, tokenizer: Any | None = None
-) -> dict[str, Any]:
+    item: RampItem, rounds: list[tuple[str, list[Hit]]], config: OracleConfig, tokenizer: Any | None = None
+) -> OracleTrajectory:
     """The trajectory record for ``item`` given the searches made (query and its hits, in order).
 
     ``tokenizer`` (the loaded ``config.tokenizer``) makes the information budget count tokens, as the RL env does.
@@ -244,8 +245,8 @@ def build_trajectory(
 
 
 def oracle_trajectories(
-    items: list[dict[str, Any]], retriever: Retriever, config: OracleConfig
-) -> list[dict[str, Any]]:
+    items: list[RampItem], retriever: Retriever, config: OracleConfig
+) -> list[OracleTrajectory]:
     """One trajectory per item; searches are batched per round (all items' first queries, then the misses')."""
     tokenizer = None
     if config.tokenizer:
@@ -324,7 +325,7 @@ QA_QUERY_STRATEGIES = ("question", "oracle")
 
 def qa_oracle_trajectories(
     questions: list[dict[str, Any]], retriever: Retriever, config: OracleConfig, strategy: str = "oracle"
-) -> list[dict[str, Any]]:
+) -> list[OracleTrajectory]:
     """Scripted episodes for QA records (``id``, ``question``, ``answer`` [, ``oracle_queries``]), one per record.
 
     ``strategy="oracle"`` searches each hop's ``oracle_queries`` in turn (the synthetic world writes them);
