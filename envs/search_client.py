@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from envs.prompts import (
@@ -32,6 +32,7 @@ from envs.prompts import (
     SEARCH_QUERY_TOO_LONG,
     TRUNCATION_MARKER,
 )
+from masksearch_rl.configs import from_mapping
 from masksearch_rl.retrieval.exclusion import SearchExclusion
 from masksearch_rl.retrieval.types import DEFAULT_TOPK, Hit, SearchBackend, SearchError
 
@@ -79,12 +80,7 @@ class SearchSettings:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SearchSettings:
         """Build from a plain or OmegaConf mapping; unknown keys fail here, naming the key."""
-        values = _to_plain(mapping) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown search setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, mapping, "search setting")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import httpx
 from aiolimiter import AsyncLimiter
 
+from masksearch_rl.configs import from_mapping
 from masksearch_rl.json_cache import JsonCache
 from masksearch_rl.loop_local import LoopLocal
 
@@ -90,11 +91,7 @@ class LLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> LLMConfig:
-        data = dict(data or {})
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown LLM config field(s): {sorted(unknown)}")
-        return cls(**data)
+        return from_mapping(cls, data, "LLM config field")
 
 
 class EndpointGate(Protocol):

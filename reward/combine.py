@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from masksearch_rl.configs import reject_unknown
 from masksearch_rl.llm import LLMConfig
 from reward.answer_match import METRICS
 from reward.format import DEFAULT_RULES, FormatRules
@@ -63,9 +64,7 @@ class RewardConfig:
             raise ValueError(
                 f"{KWARGS_PATH}.max_extra_answer_tokens={self.max_extra_answer_tokens}: use >= 0, or -1 for no guard"
             )
-        unknown = set(self.judge) - {f.name for f in dataclasses.fields(LLMConfig)}
-        if unknown:
-            raise ValueError(f"unknown {KWARGS_PATH}.judge option(s) {sorted(unknown)}")
+        reject_unknown(LLMConfig, self.judge, f"{KWARGS_PATH}.judge option")
 
     @property
     def extra_token_allowance(self) -> int | None:
@@ -100,15 +99,10 @@ class RewardConfig:
         """Build from reward kwargs (plain dicts or omegaconf nodes); unset fields come from ``env``."""
         env = os.environ if env is None else env
         data = _plain(kwargs)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            known = sorted(f.name for f in dataclasses.fields(cls))
-            raise ValueError(f"unknown {KWARGS_PATH} option(s) {sorted(unknown)}; known: {known}")
+        reject_unknown(cls, data, f"{KWARGS_PATH} option")
         values = _fields_with_env(cls, data, env, ENV_PREFIX, skip={"format", "judge"})
         format_data = data.get("format") or {}
-        unknown = set(format_data) - {f.name for f in dataclasses.fields(FormatRules)}
-        if unknown:
-            raise ValueError(f"unknown {KWARGS_PATH}.format option(s) {sorted(unknown)}")
+        reject_unknown(FormatRules, format_data, f"{KWARGS_PATH}.format option")
         values["format"] = FormatRules(**_fields_with_env(FormatRules, format_data, env, FORMAT_ENV_PREFIX))
         judge_data = dict(data.get("judge") or {})
         for f in dataclasses.fields(LLMConfig):

@@ -26,11 +26,13 @@ import logging
 import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from masksearch_rl.configs import from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +90,7 @@ class CurriculumConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, prefix: str = "curriculum") -> CurriculumConfig:
         """Build from a plain mapping; an unknown key is an error naming it (a typo must not silently do nothing)."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            names = ", ".join(f"{prefix}.{key}" for key in unknown)
-            raise ValueError(f"unknown curriculum option(s): {names}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
+        return from_mapping(cls, values, "curriculum option", prefix=prefix)
 
 
 def _is_int(value: Any) -> bool:
