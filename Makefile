@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test install lint bench clean
+.PHONY: quickstart test test-multiproc install lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ quickstart: $(STAMP)
 	$(VENV)/bin/masksearch-rl quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not multiproc"
+
+# Several training processes / Ray nodes on this one machine (torchrun SFT x2, 2 FSDP ranks, 2 Ray nodes): minutes
+# each on 2 cores, so a stage of its own (docs/cluster.md); .ci/run calls it after `make test`.
+test-multiproc: $(STAMP)
+	$(PY) -m pytest -m multiproc tests/test_multi*.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/retrieval.py --quick
