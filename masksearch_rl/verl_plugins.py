@@ -21,7 +21,7 @@ EXTENSIONS = (
     "masksearch_rl.verl_ext.workers",
     "masksearch_rl.verl_ext.trainer",
     # Trainer mode "masksearch_curriculum" (trainer.v1.trainer_mode): masked-span-count curriculum sampler.
-    "masksearch_rl.curriculum.trainer",
+    "masksearch_rl.verl_ext.curriculum_trainer",
     # Agent loop "masksearch_agent" (rows' agent_name): the think/search/information/answer tag protocol.
     "envs.agent_loop",
     # Reward manager "masksearch" (reward.reward_manager.name): DAPO overlong shaping + the rollout's extra fields.

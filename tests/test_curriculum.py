@@ -28,8 +28,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config
 
 from masksearch_rl.curriculum import CurriculumConfig, MaskCountCurriculumSampler, read_num_masks
-from masksearch_rl.curriculum import trainer as curriculum_trainer
-from masksearch_rl.curriculum.trainer import (
+from masksearch_rl.verl_ext import curriculum_trainer
+from masksearch_rl.verl_ext.curriculum_trainer import (
     SCORE_METRIC,
     TRAINER_MODE,
     CurriculumPPOTrainer,
@@ -493,4 +493,4 @@ def test_entry_point_registers_trainer_mode(fresh_verl_import):
     # The probe interpreter imported nothing but verl: the mode can only have come from our entry point.
     stdout, stderr = fresh_verl_import.communicate(timeout=300)
     assert fresh_verl_import.returncode == 0, stderr[-2000:]
-    assert stdout.strip().splitlines()[-1] == "masksearch_rl.curriculum.trainer.CurriculumPPOTrainer"
+    assert stdout.strip().splitlines()[-1] == "masksearch_rl.verl_ext.curriculum_trainer.CurriculumPPOTrainer"
