@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -168,6 +169,7 @@ def _run_ppo(name: str, world: Path, sft_ckpt: Path, url: str, ranks: int) -> di
             os.environ["RAY_ADDRESS"] = saved
     # main_ppo's local Ray is gone with it: nothing of it may be left running.
     assert _wait_gone([ray_tmp]) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     steps = [s for s in load_metrics(run_dir / "metrics.jsonl") if "actor/pg_loss" in s]
     return {"dir": run_dir, "steps": steps, "log": run.log_path.read_text(),
             "actor": run_dir / "checkpoints" / "masksearch-rl" / "quickstart-tiny-cpu" / f"global_step_{RL_STEPS}"
@@ -380,6 +382,9 @@ def ray_nodes(world):
                               env={**_ray_env(), "RAY_TEMP_DIR": " ".join(temp_dirs)},
                               capture_output=True, text=True, timeout=120)
         print(down.stderr.strip())
+        if down.returncode == 0:
+            for path in temp_dirs:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
