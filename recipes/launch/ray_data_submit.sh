@@ -60,6 +60,10 @@ EOF
 
 command=$1 subcommand=$2
 shift 2
+# A token-mode head (Ray 2.60 turns it on when a token exists) refuses clients that do not use token mode too.
+if [[ -z ${RAY_AUTH_MODE:-} ]] && [[ -n ${RAY_AUTH_TOKEN:-} || -s ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} ]]; then
+    export RAY_AUTH_MODE=token
+fi
 cmd=("$ray_bin" job submit --address="$address" --runtime-env-json="$runtime_env" --
     "$python_bin" -m masksearch_rl.cli "$command" "$subcommand" --engine ray "$@")
 
