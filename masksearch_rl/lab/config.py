@@ -1,8 +1,8 @@
 """What the learning lab builds and runs: world and split sizes, the policy recipe, the RL arms and their budget.
 
-Two presets: the default (the benchmark: ~2 h to build the policy, ~3 h of RL arms on 2 CPU cores) and ``quick``
-(minutes: the test suite checks that the lab completes and writes a well-formed ``learning.json``; it says nothing
-about learning).
+Two presets: the default (the benchmark, budgeted at <= 2 h to build the policy and <= 3 h of RL arms on 2 CPU
+cores) and ``quick`` (minutes: the test suite checks that the lab completes and writes a well-formed
+``learning.json``; it says nothing about learning).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The RL arms (docs/results/learning.md explains each). "sft" trains nothing: it evaluates the SFT policy.
+# The RL arms (docs/lab.md explains each). "sft" trains nothing: it evaluates the SFT policy.
 ARMS = ("sft", "dapo", "dapo_mixed", "qa_only", "ramp_then_qa", "dapo_hidden")
 # Which held-out set an arm is judged on.
 ARM_TASK = {"sft": "ramp", "dapo": "ramp", "dapo_mixed": "ramp", "dapo_hidden": "ramp", "qa_only": "qa",
