@@ -2,8 +2,8 @@
 not silently do nothing), values go to the dataclass, whose ``__post_init__`` validates them.
 
 Used by ``SearchSettings.from_mapping`` (and ``search_env``), ``CurriculumConfig.from_mapping``,
-``LLMConfig.from_dict``, ``RewardConfig.from_kwargs`` (and its ``format`` and ``judge`` sections). A base utility:
-imports nothing from the project.
+``RayEngineConfig.from_mapping``, the CoT config (``cot build``), ``LLMConfig.from_dict``, ``RewardConfig.from_kwargs``
+(and its ``format`` and ``judge`` sections). A base utility: imports nothing from the project.
 """
 
 from __future__ import annotations

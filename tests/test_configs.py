@@ -10,6 +10,7 @@ from envs.agent_loop import SearchEnvConfig
 from envs.search_client import SearchSettings
 from masksearch_rl.configs import from_mapping, plain_mapping
 from masksearch_rl.curriculum.sampler import CurriculumConfig
+from masksearch_rl.distributed.engine import RayEngineConfig
 from masksearch_rl.llm import LLMConfig
 from reward.combine import RewardConfig
 
@@ -21,7 +22,19 @@ LOADERS = {
     "reward kwargs": (lambda m: RewardConfig.from_kwargs(m, env={}), {"answer_weight": 1.0}),
     "reward format": (lambda m: RewardConfig.from_kwargs({"format": m}, env={}), {}),
     "reward judge": (lambda m: RewardConfig.from_kwargs({"judge": m}, env={}), {"model": "judge"}),
+    "ray engine": (lambda m: RayEngineConfig.from_mapping(m), {"workers": 1}),
 }
+
+
+def test_cot_config_rejects_an_unknown_key_naming_it(tmp_path):
+    import typer
+
+    from masksearch_rl.cot.cli import load_config
+
+    paths = {"input": str(tmp_path / "items.jsonl"), "out": str(tmp_path / "out.jsonl")}
+    assert load_config(None, ["max_rounds=3"], **paths).max_rounds == 3
+    with pytest.raises(typer.BadParameter, match=r"unknown cot config key.*max_roundz"):
+        load_config(None, ["max_roundz=3"], **paths)
 
 
 @pytest.mark.parametrize("name", sorted(LOADERS))

@@ -15,6 +15,7 @@ def load_config(config: Path | None, overrides: list[str], **fields) -> "CotConf
     """default.yaml < ``config`` file < ``fields`` (the command's options) < ``key=value`` overrides."""
     from omegaconf import OmegaConf
 
+    from masksearch_rl.configs import reject_unknown
     from masksearch_rl.cot.pipeline import CotConfig
 
     merged = OmegaConf.load(DEFAULT_CONFIG)
@@ -27,6 +28,7 @@ def load_config(config: Path | None, overrides: list[str], **fields) -> "CotConf
     merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     data = OmegaConf.to_container(merged, resolve=True)
     try:
+        reject_unknown(CotConfig, data, "cot config key")
         return CotConfig(**data)
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(f"bad cot config: {err}") from err

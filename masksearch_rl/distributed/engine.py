@@ -43,10 +43,11 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from masksearch_rl.configs import from_mapping
 from masksearch_rl.jsonl import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,7 @@ class RayEngineConfig:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> RayEngineConfig:
-        values = dict(values or {})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ray option(s): {', '.join(unknown)}; known: {[f.name for f in fields(cls)]}")
-        return cls(**values)
+        return from_mapping(cls, values, "ray option", prefix="ray")
 
     def local_cpus_needed(self) -> int:
         return max(4, math.ceil(self.workers * self.cpus_per_worker) + 3)
