@@ -103,9 +103,9 @@ def test_config_rejects_what_the_lab_cannot_run():
 
 
 def test_a_killed_dapo_run_resumes_from_its_checkpoint(quick_lab, tmp_path):
-    """verl's main_ppo with the lab recipe, killed (SIGKILL, with its Ray) right after the checkpoint of step 1;
-    the same command with trainer.resume_mode=auto goes on from step 2 -- global step, curriculum sampler position
-    and dataloader state restored from the checkpoint -- and its metrics continue where the first left off."""
+    """verl's main_ppo with the lab recipe, killed (SIGKILL, with its Ray) once step 1 is checkpointed and logged;
+    the same command with trainer.resume_mode=auto goes on from the step after the last checkpoint -- global step,
+    curriculum sampler position and dataloader state restored from it -- and its metrics continue."""
     import signal
     import tempfile
     import time
@@ -135,26 +135,35 @@ def test_a_killed_dapo_run_resumes_from_its_checkpoint(quick_lab, tmp_path):
             proc = subprocess.Popen(first.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                     start_new_session=True)
             deadline = time.monotonic() + 1200
-            while not (tracker.is_file() and tracker.read_text().strip() == "1"):
+
+            def trained_steps() -> list[int]:
+                return [s["step"] for s in load_metrics(first.metrics_path) if "actor/pg_loss" in s] \
+                    if first.metrics_path.is_file() else []
+
+            # verl saves a step's checkpoint before it logs the step's metrics: wait for both, then kill mid-step 2.
+            while not (tracker.is_file() and tracker.read_text().strip() and trained_steps()):
                 assert proc.poll() is None and time.monotonic() < deadline, first.log_path.read_text()[-3000:]
                 time.sleep(1)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _kill_ray_session(ray_dir)
+        checkpointed = int(tracker.read_text().strip())
         killed = load_metrics(first.metrics_path)
-        assert [s["step"] for s in killed if "actor/pg_loss" in s] == [1]
+        assert 1 <= checkpointed < 3 and [s["step"] for s in killed if "actor/pg_loss" in s][:1] == [1]
+        killed = [s for s in killed if s["step"] <= checkpointed]  # what the checkpoint holds
 
         second = PPORun("lab/tiny_cpu", argv, log_path=tmp_path / "second.log", metrics_path=tmp_path / "second.jsonl",
                         env={"VERL_PLATFORM": "cpu"}, timeout_s=1200)
         run_ppo(second)
     _kill_ray_session(ray_dir)
     resumed = [s for s in load_metrics(second.metrics_path) if "actor/pg_loss" in s]
-    assert [s["step"] for s in resumed] == [2, 3]  # global step restored: step 1 is not trained again
+    # global step restored: no checkpointed step is trained again
+    assert [s["step"] for s in resumed] == list(range(checkpointed + 1, 4))
     # The curriculum sampler went on from its saved position (draws keep counting), not from a fresh start.
-    before = killed[-1]["curriculum/total_draws"]
+    before = [s["curriculum/total_draws"] for s in killed if "curriculum/total_draws" in s][-1]
     assert resumed[0]["curriculum/total_draws"] > before
     assert "Load from checkpoint" in (tmp_path / "second.log").read_text() or \
-        "global_step_1" in (tmp_path / "second.log").read_text()
+        f"global_step_{checkpointed}" in (tmp_path / "second.log").read_text()
 
 
 def _kill_ray_session(temp_dir: Path) -> None:
